@@ -1,0 +1,161 @@
+"""The base experiment config: every field that any module reads, with its default.
+
+Files under `configs/` start from `get_base_config()` and override what their dataset and
+method need. Every field is overridable from the command line (`--config.optim.lr=0.1`).
+Tuples, not lists, so that ml_collections can override them from flags.
+"""
+
+import ml_collections
+
+METHODS = ("simclr", "cmc", "metaug_oucl_only", "metaug")
+DATASETS = ("digits", "cifar10", "cifar100", "stl10", "tiny_imagenet", "cifar_archive",
+            "folder", "npz")
+VIEW_KINDS = ("lab", "lab2", "augmented_copies", "simclr")
+ENCODERS = ("digits_conv", "alexnet_small", "alexnet_half", "resnet18")
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by all setups (the quick-start digits values where a choice is needed)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.method = "metaug"            # one of METHODS
+  c.num_devices = 0              # 0: all local devices; n: the first n (pmap'ed over them)
+
+  # ---- data -------------------------------------------------------------------------------
+  c.dataset = "digits"           # one of DATASETS
+  c.data_dir = ""                # tfds data_dir, or the folder / archive / .npz file
+  c.download = False             # let tfds download and prepare (needs network + tensorflow)
+  c.data = ml_collections.ConfigDict()
+  c.data.views = "augmented_copies"  # one of VIEW_KINDS (spec section 2.1)
+  c.data.num_views = 2           # for augmented_copies / simclr views
+  c.data.input_size = 16         # side of the square image the encoder sees
+  c.data.crop_scale = (0.3, 1.0)  # RandomResizedCrop area range (paper: 0.2-1.0)
+  c.data.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
+  c.data.flip = False            # random horizontal flip (off for digits: 2 vs 5 etc.)
+  c.data.max_rotation_deg = 12.0  # grey augmented copies only
+  c.data.max_translate = 0.1     # fraction of the image side; grey augmented copies only
+  c.data.noise_std = 0.05        # grey augmented copies only
+  c.data.jitter_strength = 0.5   # simclr views: colour jitter strength
+  c.data.grey_probability = 0.2  # simclr views: random greyscale
+  c.data.test_fraction = 0.2     # digits / folder / npz without a test file: held-out fraction
+  c.data.split_seed = 0          # the seeded train/test split of digits, folder and npz
+  c.data.test_file = ""          # npz: optional separate test file
+  c.data.stl10_pretrain_split = "train+unlabelled"  # spec A7
+  c.data.prefetch = 2            # host batches prepared ahead of the device
+
+  # ---- model ------------------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.encoder = "digits_conv"  # one of ENCODERS
+  c.model.embedding_dim = 128
+  c.model.width = 1.0            # channel multiplier (digits_conv, alexnet_small, resnet18)
+  c.model.share_encoder = False  # one encoder for all views (SimCLR) or one per view (CMC)
+  c.model.mag_hidden = 2048      # MAG width (spec 3.2)
+  c.model.dtype = "float32"      # compute dtype: float32 or bfloat16 (params stay float32)
+
+  # ---- optimisation -----------------------------------------------------------------------
+  c.batch_size = 128             # global batch, split over devices
+  c.num_epochs = 40
+  c.num_train_steps = 0          # >0 overrides num_epochs
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 0.03              # encoder SGD (spec 5.4)
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 1e-4
+  c.optim.lr_decay_epochs = (120, 160, 200)  # x lr_decay_rate after each of these epochs
+  c.optim.lr_decay_rate = 0.1
+
+  # ---- contrastive losses -----------------------------------------------------------------
+  c.loss = ml_collections.ConfigDict()
+  c.loss.temperature = 0.07      # simclr / cmc InfoNCE temperature
+  c.loss.oucl_form = 3           # OUCL form 1 (hinge), 2 (circle), 3 (general; code default)
+  c.loss.oucl_beta = 16.0
+  c.loss.oucl_gamma_pos = 0.0    # gamma+ (form 3 margin of positives)
+  c.loss.oucl_gamma_neg = 0.0    # gamma- (form 3 margin of negatives)
+  c.loss.oucl_margin = 0.25      # lambda (form 1 hinge margin) / gamma (form 2 circle margin)
+  c.loss.oucl_adaptive = False   # circle-style Gamma weights (stop-gradient) in form 3
+  c.loss.oucl_scale = "code"     # "code": 16/beta prefactor; "paper": 1/beta
+
+  # ---- memory bank (CMC NCE-average style, spec 3.3) ----------------------------------------
+  c.bank = ml_collections.ConfigDict()
+  c.bank.num_negatives = 1024    # K per bank call
+  c.bank.momentum = 0.5
+  c.bank.schedule = "clean"      # "clean" (spec A6) or "code_exact"
+
+  # ---- MetAug (spec sections 4-5) -----------------------------------------------------------
+  c.metaug = ml_collections.ConfigDict()
+  c.metaug.algorithm = "paper"   # "paper" (spec 5.1) or "legacy" (spec 5.3)
+  c.metaug.first_order = False   # stop-gradient through the inner gradient (ablation)
+  c.metaug.inner_lr = 1e-3       # alpha of the virtual SGD step
+  c.metaug.lambda_aug = 1e-5     # weight of the augmented OUCL terms
+  c.metaug.lambda_mi = 1e-11     # weight of the margin-injected regulariser
+  c.metaug.margin_type = "large"  # large | medium | small
+  c.metaug.margin_pos_scale = 1.0  # code: 1e-4 on the positive part
+  c.metaug.margin_detach_thresholds = True  # code: False
+  c.metaug.margin_code_exact = False  # thresholds/penalised columns exactly as util.py
+  c.metaug.margin_include_all_augmented = False  # also penalise the all-augmented call S4
+  c.metaug.mag_lr = 0.03
+  c.metaug.mag_momentum = 0.9
+  c.metaug.mag_weight_decay = 1e-4
+  c.metaug.remat = False         # jax.checkpoint the encoders (memory for compute)
+
+  # ---- loop, logging, checkpoints -----------------------------------------------------------
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 200
+  c.keep_checkpoints = 3
+  c.progress_bar = True
+  c.debug_kill_at_step = 0       # tests only: SIGKILL the process at this step (crash drill)
+
+  # ---- evaluation (linear probe on frozen conv / fc features) -------------------------------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.probe_after_training = True
+  c.eval.probe_epochs = 100
+  c.eval.probe_lr = 0.1
+  c.eval.probe_batch_size = 256
+  c.eval.probe_weight_decay = 1e-4
+  c.eval.batch_size = 256        # feature extraction batch
+  c.eval.random_init = False     # probe a randomly initialised encoder instead (a baseline)
+  c.eval.step = 0                # restore this checkpoint step (0: newest)
+  return c
+
+
+def paper_config(dataset: str, arg: str = ""):
+  """The settings of the authors' code (spec 5.4, 7) for any of the paper's datasets."""
+  c = get_base_config()
+  c.dataset = dataset
+  c.method = "metaug"
+  c.data.views = "lab"                # L, ab and the full Lab image (spec 2.1)
+  c.data.input_size = 224             # every dataset is resized to 224 (spec A8)
+  c.data.crop_scale = (0.2, 1.0)
+  c.data.flip = True
+  c.model.encoder = "alexnet_half"
+  c.model.mag_hidden = 2048
+  c.batch_size = 64
+  c.num_epochs = 300
+  c.optim.lr = 0.03
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 1e-4
+  c.optim.lr_decay_epochs = (120, 160, 200)
+  c.optim.lr_decay_rate = 0.1
+  c.bank.num_negatives = 1024
+  c.bank.momentum = 0.5
+  c.metaug.lambda_aug = 1e-5
+  c.metaug.lambda_mi = 1e-11
+  c.metaug.inner_lr = 1e-3
+  c.metaug.mag_lr = 0.03
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 2000
+  c.eval.probe_epochs = 60
+  c.eval.probe_lr = 0.1
+  c.eval.probe_batch_size = 256
+  c.eval.probe_weight_decay = 0.0
+  for part in filter(None, arg.split(",")):
+    if part == "small":
+      c.data.input_size = 32 if dataset in ("cifar10", "cifar100") else 64
+      c.model.encoder = "alexnet_small"
+      c.batch_size = 128
+    elif part in ("cmc", "oucl_only"):
+      c.method = {"cmc": "cmc", "oucl_only": "metaug_oucl_only"}[part]
+    elif part == "legacy":
+      c.metaug.algorithm = "legacy"
+    else:
+      raise ValueError(f"unknown config argument {part!r}; use small, cmc, oucl_only, legacy")
+  return c

@@ -1,0 +1,16 @@
+"""Contrastive losses: NT-Xent, CMC bank InfoNCE, OUCL (spec 4.1) and the margin term (4.3)."""
+
+from metaug_jax.losses.contrastive import bank_infonce, bank_scores, nt_xent, score_from_cosine
+from metaug_jax.losses.margin import MARGIN_TYPES, margin_regularizer, margin_thresholds
+from metaug_jax.losses.oucl import oucl
+
+__all__ = [
+    "MARGIN_TYPES",
+    "bank_infonce",
+    "bank_scores",
+    "margin_regularizer",
+    "margin_thresholds",
+    "nt_xent",
+    "oucl",
+    "score_from_cosine",
+]

@@ -1,0 +1,93 @@
+"""InfoNCE-style losses: SimCLR's NT-Xent (cross-device negatives) and CMC's bank InfoNCE."""
+
+from typing import Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+
+# Added to the logit of an anchor with itself: exp() of it underflows to exactly 0 in float32,
+# and unlike -inf it keeps every derivative finite.
+_SELF_MASK = 1e9
+
+
+def _float(x: jax.Array) -> jax.Array:
+  """Promotes to at least float32 (bfloat16 -> float32; float64 stays float64)."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def score_from_cosine(cos: jax.Array) -> jax.Array:
+  """The paper's d(.) in [0, 1] from a cosine: (cos + 1) / 2 (spec 3.4)."""
+  return (cos + 1.0) / 2.0
+
+
+def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float,
+            axis_name: Optional[str] = None) -> jax.Array:
+  """SimCLR's NT-Xent (Chen et al. 2020, Eq. 1) on L2-normalised embeddings of two views.
+
+  Each of the 2B local anchors has its other view as positive and every other embedding of
+  the global batch (2N - 2, both views, all devices when `axis_name` is given) as negatives.
+  Returns the mean over this device's 2B anchors; under pmap, pmean of the value (and of the
+  per-device gradients) equals the single-device loss (gradient) on the whole batch.
+
+  Args:
+    z1: (B, D) local embeddings of view 1.
+    z2: (B, D) local embeddings of view 2, row i the positive of z1 row i.
+    temperature: the softmax temperature tau.
+    axis_name: pmap / shard_map axis to gather negatives over, or None.
+  Returns:
+    A scalar.
+  """
+  chex.assert_rank([z1, z2], 2)
+  chex.assert_equal_shape([z1, z2])
+  z1, z2 = _float(z1), _float(z2)
+  b = z1.shape[0]
+  if axis_name is None:
+    g1, g2, offset = z1, z2, 0
+  else:
+    g1 = jax.lax.all_gather(z1, axis_name, tiled=True)
+    g2 = jax.lax.all_gather(z2, axis_name, tiled=True)
+    offset = jax.lax.axis_index(axis_name) * b
+  n = g1.shape[0]
+  anchors = jnp.concatenate([z1, z2], axis=0)  # (2B, D)
+  keys = jnp.concatenate([g1, g2], axis=0)  # (2N, D)
+  logits = anchors @ keys.T / temperature  # (2B, 2N)
+  local = jnp.arange(b) + offset
+  self_idx = jnp.concatenate([local, local + n])
+  pos_idx = jnp.concatenate([local + n, local])
+  cols = jnp.arange(2 * n)
+  logits = logits - _SELF_MASK * (cols[None, :] == self_idx[:, None])
+  pos = jnp.take_along_axis(logits, pos_idx[:, None], axis=1)[:, 0]
+  return jnp.mean(jax.nn.logsumexp(logits, axis=1) - pos)
+
+
+def bank_scores(query: jax.Array, rows: jax.Array) -> jax.Array:
+  """Dot products (cosines for unit vectors) of each query with its K+1 bank rows (spec 3.4).
+
+  Args:
+    query: (B, D).
+    rows: (B, K+1, D), column 0 the positive.
+  Returns:
+    (B, K+1).
+  """
+  chex.assert_rank([query, rows], [2, 3])
+  chex.assert_equal(query.shape[0], rows.shape[0])
+  chex.assert_equal(query.shape[1], rows.shape[2])
+  return jnp.einsum("bd,bkd->bk", query, rows)
+
+
+def bank_infonce(query: jax.Array, rows: jax.Array, temperature: float) -> jax.Array:
+  """CMC's softmax InfoNCE against K+1 memory-bank rows (Tian et al. 2020), per anchor.
+
+  Cross-entropy of logits = scores / temperature with target column 0 (the positive).
+
+  Args:
+    query: (B, D) query embeddings.
+    rows: (B, K+1, D) bank rows; column 0 is the positive.
+    temperature: the softmax temperature.
+  Returns:
+    (B,) per-anchor losses.
+  """
+  logits = bank_scores(_float(query), _float(rows)) / temperature
+  return jax.nn.logsumexp(logits, axis=1) - logits[:, 0]

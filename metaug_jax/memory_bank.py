@@ -1,0 +1,104 @@
+"""Per-view memory banks in the CMC "NCE-average" style (spec section 3.3), as plain arrays.
+
+The banks are one (V, N, D) array inside the train state: row n of bank v is a running,
+unit-norm average of view v's embedding of example n. A "bank call" (spec 4.2) scores the
+queries of every view against the *other* views' banks at K+1 sampled rows per anchor, column 0
+being the anchor's own row (the positive). Banks never carry gradient.
+"""
+
+import itertools
+from typing import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from metaug_jax.models.layers import l2_normalize
+from metaug_jax import parallel
+
+
+def init_banks(key: jax.Array, num_views: int, size: int, dim: int) -> jax.Array:
+  """CMC's U(-s, s) initialisation with s = 1/sqrt(dim/3), rows then made unit-norm."""
+  scale = 1.0 / jnp.sqrt(dim / 3.0)
+  banks = jax.random.uniform(key, (num_views, size, dim), jnp.float32, -scale, scale)
+  return l2_normalize(banks)
+
+
+def directions(num_views: int) -> tuple[tuple[int, int], ...]:
+  """The ordered cross-view pairs (query view x, bank view y), x != y: V(V-1) of them."""
+  return tuple(itertools.permutations(range(num_views), 2))
+
+
+def sample_negatives(key: jax.Array, global_batch: int, num_negatives: int,
+                     bank_size: int) -> jax.Array:
+  """Uniform bank rows, (global_batch, K), drawn for the whole global batch (spec A13).
+
+  Drawing for the global batch and slicing per device keeps the negatives of an example
+  independent of the device count. Collisions with the anchor are kept, as in CMC.
+  """
+  return jax.random.randint(key, (global_batch, num_negatives), 0, bank_size, jnp.int32)
+
+
+def call_indices(anchor_index: jax.Array, negatives: jax.Array) -> jax.Array:
+  """(B, K+1) bank indices: the anchor's own row in column 0, then its negatives."""
+  chex.assert_rank([anchor_index, negatives], [1, 2])
+  return jnp.concatenate([anchor_index[:, None], negatives], axis=1)
+
+
+def gather(banks: jax.Array, indices: jax.Array) -> jax.Array:
+  """Rows of every bank at (B, K+1) indices: (V, B, K+1, D), without gradient."""
+  return jax.lax.stop_gradient(banks)[:, indices]
+
+
+def draw_indices(key: jax.Array, anchor_index: jax.Array, global_batch: int,
+                 num_negatives: int, bank_size: int) -> jax.Array:
+  """This device's (B, K+1) call indices, drawn for the global batch and sliced (spec A13)."""
+  negatives = sample_negatives(key, global_batch, num_negatives, bank_size)
+  negatives = parallel.local_rows(negatives, anchor_index.shape[0])
+  return call_indices(anchor_index, negatives)
+
+
+def score_call(queries: Sequence[jax.Array], banks: jax.Array,
+               indices: jax.Array) -> jax.Array:
+  """One bank call: d = (cos + 1) / 2 for every directed view pair (spec 3.4).
+
+  Args:
+    queries: V arrays (B, D), unit-norm query embeddings (original or augmented).
+    banks: (V, N, D) bank array (treated as a constant).
+    indices: (B, K+1) rows to compare with; column 0 is the positive.
+
+  Returns:
+    (B, V(V-1), K+1) scores in [0, 1], directions ordered as `directions(V)`.
+  """
+  num_views = len(queries)
+  chex.assert_equal_shape(queries)
+  rows = gather(banks, indices)
+  out = []
+  for x, y in directions(num_views):
+    cos = jnp.einsum("bd,bkd->bk", queries[x].astype(jnp.float32), rows[y])
+    out.append((cos + 1.0) / 2.0)
+  return jnp.stack(out, axis=1)
+
+
+def split_scores(scores: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(B, P, K+1) call scores -> positives (B, P) and all negatives flattened (B, P*K)."""
+  pos = scores[:, :, 0]
+  neg = scores[:, :, 1:].reshape(scores.shape[0], -1)
+  return pos, neg
+
+
+def update(banks: jax.Array, index: jax.Array, features: Sequence[jax.Array],
+           momentum: float) -> jax.Array:
+  """m <- normalise(momentum * m + (1 - momentum) * z) at the given rows of every bank.
+
+  Args:
+    banks: (V, N, D).
+    index: (B,) rows to update (the global batch, identical on every device).
+    features: V arrays (B, D) of original (never augmented) embeddings.
+    momentum: CMC's nce_m (0.5).
+  """
+  feats = jax.lax.stop_gradient(jnp.stack([f.astype(jnp.float32) for f in features]))
+  chex.assert_equal(feats.shape[:2], (banks.shape[0], index.shape[0]))
+  old = banks[:, index]
+  new = l2_normalize(momentum * old + (1.0 - momentum) * feats)
+  return banks.at[:, index].set(new)

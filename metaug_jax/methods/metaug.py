@@ -1,0 +1,326 @@
+"""MetAug (Li et al., ICML 2022): meta feature augmentation, margin injection and OUCL.
+
+One `train_step` holds the whole iteration of spec section 5, and is pmapped as one function:
+
+  Phase A   encoders step on L_total(theta, omega) with the MAGs frozen (gradients still flow
+            *through* the MAGs into the embeddings);
+  Phase B   the MAGs step on the meta-objective L_total(theta'(omega), omega), where
+            theta' = theta - alpha * grad_theta L_total(theta, omega) is a virtual SGD step kept
+            differentiable: `jax.grad` of a function that itself calls `jax.grad`.
+
+`config.method == "metaug_oucl_only"` trains the same encoders with O(S0) alone (the paper's
+"only OUCL" row). The objective L_total (spec 4.2) is a pure function of embeddings, so other
+feature augmenters can reuse `objective` with their own augmented embeddings.
+"""
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from metaug_jax import losses, memory_bank, parallel
+from metaug_jax.methods import base, common
+from metaug_jax.models import mag as mag_lib
+
+
+def _tree_axpy(alpha, x, y):
+  """y + alpha * x over two pytrees."""
+  return jax.tree.map(lambda a, b: b + alpha * a, x, y)
+
+
+class MetAug(base.Method):
+  """Three-view (or V-view) CMC backbone with MAGs, margin-injected regulariser and OUCL."""
+
+  uses_bank = True
+
+  def __init__(self, config, facts):
+    super().__init__(config, facts)
+    self.use_mag = config.method == "metaug"
+    mc = config.metaug
+    if self.use_mag:
+      self.mag = mag_lib.build_multiview_mag(config.model, self.num_views, axis_name="batch")
+      self.mag_tx = common.sgd_with_coupled_decay(mc.mag_lr, mc.mag_momentum,
+                                                  mc.mag_weight_decay)
+    self.code_exact_banks = config.bank.schedule == "code_exact"
+
+  def _init_extra(self, state, key, variables, sample_views):
+    if not self.use_mag:
+      return state
+    outs = self.encoder.apply(variables, tuple(sample_views), train=False)
+    mag_vars = self.mag.init(key, tuple(common.embeddings(outs)), train=False)
+    return state.replace(
+        params={**state.params, "mag": mag_vars["params"]},
+        batch_stats={**state.batch_stats, "mag": mag_vars.get("batch_stats", {})},
+        opt_state={**state.opt_state, "mag": self.mag_tx.init(mag_vars["params"])})
+
+  # ---- the objective L_total (spec 4.2) -----------------------------------------------------
+  @property
+  def num_calls(self) -> int:
+    """S0, then S_v with view v augmented for each v, then S_all: V + 2 bank calls."""
+    return self.num_views + 2 if self.use_mag else 1
+
+  def draw_call_indices(self, key, anchor_index) -> list:
+    """Fresh (B, K+1) indices for each bank call of one objective evaluation (spec A13)."""
+    return [memory_bank.draw_indices(k, anchor_index, self.facts.global_batch,
+                                     self.config.bank.num_negatives, self.facts.bank_size)
+            for k in jax.random.split(key, self.num_calls)]
+
+  def oucl(self, scores: jax.Array) -> jax.Array:
+    """Mean OUCL over this device's anchors for one call's (B, P, K+1) scores (spec 4.1)."""
+    lc = self.config.loss
+    pos, neg = memory_bank.split_scores(scores)
+    return jnp.mean(losses.oucl(pos, neg, form=lc.oucl_form, beta=lc.oucl_beta,
+                                  gamma_pos=lc.oucl_gamma_pos, gamma_neg=lc.oucl_gamma_neg,
+                                  margin=lc.oucl_margin, adaptive=lc.oucl_adaptive,
+                                  scale=lc.oucl_scale))
+
+  def margin_term(self, scores: Sequence[jax.Array]) -> jax.Array:
+    """Margin-injected regulariser R (spec 4.3, A4) from the calls' scores."""
+    mc = self.config.metaug
+    dirs = memory_bank.directions(self.num_views)
+    single = scores[1:1 + self.num_views]          # S_v: view v augmented
+    aug_cols, orig_cols = [], []
+    for v, s in enumerate(single):
+      aug_cols.append(s[:, [d for d, (x, _) in enumerate(dirs) if x == v]])
+      orig_cols.append(s[:, [d for d, (x, _) in enumerate(dirs) if x != v]])
+    if mc.margin_code_exact:
+      # util.py: thresholds from the unaffected columns of S1..SV; every column penalised.
+      thr_pos, thr_neg = memory_bank.split_scores(jnp.concatenate(orig_cols, axis=1))
+      pen = jnp.concatenate(single, axis=1)
+      pos_scale, detach = 1e-4, False
+    else:
+      # Paper semantics: thresholds from the original call S0, only augmented queries.
+      thr_pos, thr_neg = memory_bank.split_scores(scores[0])
+      if mc.margin_include_all_augmented:
+        aug_cols.append(scores[-1])
+      pen = jnp.concatenate(aug_cols, axis=1)
+      pos_scale, detach = mc.margin_pos_scale, mc.margin_detach_thresholds
+    sigma_pos, sigma_neg = losses.margin_thresholds(thr_pos, thr_neg, mc.margin_type)
+    if detach:
+      sigma_pos, sigma_neg = jax.lax.stop_gradient((sigma_pos, sigma_neg))
+    aug_pos, aug_neg = memory_bank.split_scores(pen)
+    return losses.margin_regularizer(aug_pos, aug_neg, sigma_pos, sigma_neg,
+                                         pos_scale=pos_scale)
+
+  def objective(self, z: Sequence[jax.Array], a: Optional[Sequence[jax.Array]],
+                banks: jax.Array, indices: Sequence[jax.Array], global_index: jax.Array):
+    """L_total = O(S0) + l_aug [sum_v O(S_v) + O(S_all)] + l_mi R (spec 4.2).
+
+    Args:
+      z: V original embeddings (B, D); a: V augmented embeddings or None (OUCL only).
+      banks: (V, N, D); indices: one (B, K+1) array per call; global_index: (B_global,)
+        bank rows of the whole batch (only used by the "code_exact" bank schedule).
+
+    Returns:
+      (loss, aux) with aux = (banks after this evaluation, metrics dict).
+    """
+    mc = self.config.metaug
+    scores = [memory_bank.score_call(z, banks, indices[0])]
+    if self.code_exact_banks:
+      # The authors update the banks inside the S0 call, before S1..S4 are scored (A6).
+      banks = memory_bank.update(banks, global_index, [parallel.gather_rows(f) for f in z],
+                                 self.config.bank.momentum)
+    terms = [self.oucl(scores[0])]
+    pos0, neg0 = memory_bank.split_scores(scores[0])
+    metrics = {"oucl": terms[0], **common.score_stats(pos0, neg0)}
+    loss = terms[0]
+    if a is not None:
+      queries = [list(z[:v]) + [a[v]] + list(z[v + 1:]) for v in range(self.num_views)]
+      queries.append(list(a))
+      for q, idx in zip(queries, indices[1:]):
+        scores.append(memory_bank.score_call(q, banks, idx))
+        terms.append(self.oucl(scores[-1]))
+      aug = sum(terms[1:])
+      margin = self.margin_term(scores)
+      loss = loss + mc.lambda_aug * aug + mc.lambda_mi * margin
+      apos, aneg = memory_bank.split_scores(scores[-1])
+      metrics.update({"oucl_aug": aug, "margin": margin,
+                      **common.score_stats(apos, aneg, prefix="aug_")})
+    metrics["loss_total"] = loss
+    return loss, (banks, metrics)
+
+  # ---- forward passes ------------------------------------------------------------------------
+  def _augment(self, mag_params, mag_stats, z, update_stats: bool):
+    if not self.use_mag:
+      return None, mag_stats
+    outs, stats = common.apply_encoder(self.mag, mag_params, mag_stats, tuple(z),
+                                       update_stats=update_stats)
+    return common.embeddings(outs), stats
+
+  def _virtual_forward(self, enc_params, mag_params, state, views):
+    """Train-mode BN with batch statistics; running-stat updates discarded (spec A10)."""
+    outs, _ = common.apply_encoder(self.encoder, enc_params, state.batch_stats["encoder"],
+                                   views, update_stats=False)
+    z = common.embeddings(outs)
+    a, _ = self._augment(mag_params, state.batch_stats.get("mag"), z, update_stats=False)
+    return z, a
+
+  # ---- the step ------------------------------------------------------------------------------
+  def train_step(self, state, batch):
+    cfg = self.config
+    keys = common.step_keys(state, ("augment", "phase_a", "inner", "outer", "inner2", "outer2"))
+    views = common.train_views(batch["image"], keys["augment"], cfg.data)
+    global_index = parallel.gather_rows(batch["index"])
+    draw = lambda name: self.draw_call_indices(keys[name], batch["index"])
+    mag_params = state.params.get("mag")
+
+    # Phase A: encoders, MAGs frozen (spec 5.1). Running BN statistics are committed here.
+    def loss_a(enc_params):
+      outs, enc_stats = common.apply_encoder(self.encoder, enc_params,
+                                             state.batch_stats["encoder"], views)
+      z = common.embeddings(outs)
+      a, mag_stats = self._augment(mag_params, state.batch_stats.get("mag"), z, True)
+      loss, (banks, metrics) = self.objective(z, a, state.banks, draw("phase_a"), global_index)
+      return loss, (enc_stats, mag_stats, z, banks, metrics)
+
+    (_, (enc_stats, mag_stats, z, banks, metrics)), enc_grads = jax.value_and_grad(
+        loss_a, has_aux=True)(state.params["encoder"])
+    enc_grads = parallel.pmean(enc_grads)
+    enc_params, enc_opt, update_norm = self._apply_encoder_update(state, enc_grads)
+    metrics.update(grad_norm=common.global_norm(enc_grads), update_norm=update_norm)
+    new_params = {"encoder": enc_params}
+    new_stats = {"encoder": enc_stats}
+    new_opt = {"encoder": enc_opt}
+    state_a = state.replace(params={**state.params, **new_params}, banks=banks)
+
+    if self.use_mag:
+      if cfg.metaug.algorithm == "paper":
+        mag_grads, meta_metrics, banks = self._paper_meta_grads(state_a, views, draw,
+                                                                global_index)
+        metrics.update(meta_metrics)
+      else:
+        mag_grads, meta_metrics, banks = self._legacy_mag_grads(state_a, views, draw,
+                                                                global_index)
+        metrics.update(meta_metrics)
+      updates, mag_opt = self.mag_tx.update(mag_grads, state.opt_state["mag"], mag_params)
+      new_params["mag"] = optax.apply_updates(mag_params, updates)
+      new_stats["mag"] = mag_stats
+      new_opt["mag"] = mag_opt
+      if cfg.metaug.algorithm == "legacy":
+        state_b = state_a.replace(params={**state_a.params, "mag": new_params["mag"]},
+                                  banks=banks)
+        enc_grads2, banks, m3 = self._legacy_encoder_lookahead(state_b, views, draw,
+                                                               global_index)
+        updates, enc_opt = self.encoder_tx.update(enc_grads2, enc_opt, enc_params)
+        new_params["encoder"] = optax.apply_updates(enc_params, updates)
+        new_opt["encoder"] = enc_opt
+        metrics.update(m3)
+
+    if not self.code_exact_banks:
+      # The clean schedule (spec A6): one update per step with the Phase-A embeddings.
+      banks = memory_bank.update(state.banks, global_index,
+                                 [parallel.gather_rows(f) for f in z], cfg.bank.momentum)
+    new_state = state.replace(step=state.step + 1, params=new_params, batch_stats=new_stats,
+                              opt_state=new_opt, banks=banks)
+    return new_state, parallel.pmean(metrics)
+
+  def meta_objective(self, state, views, inner_idx, outer_idx, global_index):
+    """outer(omega_inner, omega_direct) = L_total(theta'(omega_inner), omega_direct) (spec 5.1).
+
+    theta'(w) = theta - alpha * grad_theta L_total(theta, w) is the virtual SGD step, kept
+    differentiable (no stop-gradient unless metaug.first_order). At (omega, omega) this is the
+    paper's meta-objective; its gradient w.r.t. the first argument is the second-order path,
+    w.r.t. the second the direct path, and their sum the full meta-gradient.
+    """
+    mc = self.config.metaug
+    theta = state.params["encoder"]
+
+    def outer(omega_inner, omega_direct):
+      def inner_loss(t):
+        z, a = self._virtual_forward(t, omega_inner, state, views)
+        loss, (banks, _) = self.objective(z, a, state.banks, inner_idx, global_index)
+        return loss, banks
+
+      g, banks = jax.grad(inner_loss, has_aux=True)(theta)
+      g = parallel.pmean(g)
+      if mc.first_order:
+        g = jax.lax.stop_gradient(g)
+      theta_virtual = _tree_axpy(-mc.inner_lr, g, theta)
+      z, a = self._virtual_forward(theta_virtual, omega_direct, state, views)
+      loss, (banks, metrics) = self.objective(z, a, banks, outer_idx, global_index)
+      return loss, (banks, metrics)
+
+    return outer
+
+  def _paper_meta_grads(self, state, views, draw, global_index):
+    """The MAG gradient through the virtual encoder step (spec 5.1, Algorithm 1)."""
+    outer = self.meta_objective(state, views, draw("inner"), draw("outer"), global_index)
+    omega = state.params["mag"]
+    (second, direct), (banks, outer_metrics) = jax.grad(outer, argnums=(0, 1), has_aux=True)(
+        omega, omega)
+    return self._combine(direct, second, outer_metrics) + (banks,)
+
+  @staticmethod
+  def _combine(direct, second, outer_metrics):
+    """pmean the two parts of the MAG gradient, sum them, and log their norms."""
+    direct, second = parallel.pmean((direct, second))
+    grads = jax.tree.map(jnp.add, direct, second)
+    metrics = {"mag_grad_direct_norm": optax.global_norm(direct),
+               "mag_grad_second_order_norm": optax.global_norm(second),
+               "mag_grad_norm": optax.global_norm(grads),
+               "meta_loss": outer_metrics["loss_total"]}
+    return grads, metrics
+
+  def _legacy_mag_grads(self, state, views, draw, global_index):
+    """The authors' earlier MAG step (spec 5.3, step 2'): a virtual step of the MAGs' own
+    parameters, differentiated through; same direct / second-order split as the paper step."""
+    mc = self.config.metaug
+    theta = state.params["encoder"]
+    omega = state.params["mag"]
+    inner_idx, outer_idx = draw("inner"), draw("outer")
+
+    def outer(omega_first, omega_second):
+      def inner_loss(w):
+        z, a = self._virtual_forward(theta, w, state, views)
+        loss, (banks, _) = self.objective(z, a, state.banks, inner_idx, global_index)
+        return loss, banks
+
+      g, banks = jax.grad(inner_loss, has_aux=True)(omega_second)
+      g = parallel.pmean(g)
+      if mc.first_order:
+        g = jax.lax.stop_gradient(g)
+      omega_virtual = _tree_axpy(-mc.inner_lr, g, omega_first)   # omega - alpha g at (w, w)
+      z, a = self._virtual_forward(theta, omega_virtual, state, views)
+      loss, (banks, metrics) = self.objective(z, a, banks, outer_idx, global_index)
+      return loss, (banks, metrics)
+
+    (direct, second), (banks, outer_metrics) = jax.grad(outer, argnums=(0, 1), has_aux=True)(
+        omega, omega)
+    return self._combine(direct, second, outer_metrics) + (banks,)
+
+  def _legacy_encoder_lookahead(self, state, views, draw, global_index):
+    """Legacy step 3 (spec 5.3): a second encoder step on the look-ahead loss
+    L_total(theta - alpha grad L_total(theta)), Hessian terms included; MAGs frozen."""
+    mc = self.config.metaug
+    omega = state.params["mag"]
+    inner_idx, outer_idx = draw("inner2"), draw("outer2")
+
+    def outer(theta):
+      def inner_loss(t):
+        z, a = self._virtual_forward(t, omega, state, views)
+        loss, (banks, _) = self.objective(z, a, state.banks, inner_idx, global_index)
+        return loss, banks
+
+      g, banks = jax.grad(inner_loss, has_aux=True)(theta)
+      g = parallel.pmean(g)
+      if mc.first_order:
+        g = jax.lax.stop_gradient(g)
+      z, a = self._virtual_forward(_tree_axpy(-mc.inner_lr, g, theta), omega, state, views)
+      loss, (banks, _) = self.objective(z, a, banks, outer_idx, global_index)
+      return loss, banks
+
+    grads, banks = jax.grad(outer, has_aux=True)(state.params["encoder"])
+    grads = parallel.pmean(grads)
+    return grads, banks, {"lookahead_grad_norm": optax.global_norm(grads)}
+
+  def features(self, state_params, state_stats, views):
+    """Encoder features, plus the MAGs' fc2 activations on the embeddings (spec A9 b)."""
+    feats = super().features(state_params, state_stats, views)
+    if self.use_mag and "mag" in state_params:
+      d = self.config.model.embedding_dim
+      z = [feats["embedding"][:, i * d:(i + 1) * d] for i in range(self.num_views)]
+      outs = self.mag.apply({"params": state_params["mag"], "batch_stats": state_stats["mag"]},
+                            tuple(z), train=False)
+      feats["mag_hidden"] = jnp.concatenate([o["hidden"] for o in outs], axis=-1)
+    return feats

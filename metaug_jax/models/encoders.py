@@ -1,0 +1,279 @@
+"""Per-view encoders (spec 3.1) and the multi-view wrapper.
+
+Every encoder maps NHWC images (B, S, S, C) to a dict with the linear probe's two feature
+levels and the contrastive embedding (spec 7, A9):
+  conv: (B, F_conv) flattened output of the last conv block,
+  fc: (B, F_fc) first fc layer after BN + ReLU,
+  embedding: (B, embedding_dim) L2-normalised, float32.
+All outputs are float32 whatever the compute dtype; parameters are always float32.
+"""
+
+from typing import Any, Optional, Sequence
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from metaug_jax.models.layers import (ConvBNReLU, batch_norm, conv, dense, l2_normalize,
+                                      maybe_remat)
+
+Dtype = Any
+
+ENCODER_NAMES = ("digits_conv", "alexnet_small", "alexnet_half", "resnet18")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _scaled(channels: int, width: float) -> int:
+  """Channel count times the width multiplier, at least 1."""
+  return max(1, int(round(channels * width)))
+
+
+def _check_images(x: jax.Array) -> None:
+  """Encoders take square NHWC batches."""
+  chex.assert_rank(x, 4)
+  if x.shape[1] != x.shape[2]:
+    raise ValueError(f"encoders expect square NHWC images (B, S, S, C); got shape {x.shape}")
+
+
+def _head(self_: nn.Module, conv_feat: jax.Array, fc_dims: Sequence[int], train: bool,
+          prefix: str, first_index: int) -> dict:
+  """Shared fc tail: [Dense -> BN -> ReLU] per entry of fc_dims, then Dense -> L2.
+
+  The first hidden activation is the probe's "fc" level. Layers are named
+  f"{prefix}{first_index}", f"{prefix}{first_index + 1}", ... with BNs "bn{index}".
+  """
+  h = conv_feat
+  fc_feat = None
+  index = first_index
+  for dim in fc_dims:
+    h = dense(dim, h.shape[-1], dtype=self_.dtype, name=f"{prefix}{index}")(h)
+    h = batch_norm(train, self_.axis_name, self_.dtype, name=f"bn{index}")(h)
+    h = nn.relu(h)
+    if fc_feat is None:
+      fc_feat = h
+    index += 1
+  z = dense(self_.embedding_dim, h.shape[-1], dtype=self_.dtype, name=f"{prefix}{index}")(h)
+  out = {
+      "conv": conv_feat.astype(jnp.float32),
+      "fc": fc_feat.astype(jnp.float32),
+      "embedding": l2_normalize(z.astype(jnp.float32)),
+  }
+  batch = conv_feat.shape[0]
+  chex.assert_shape(out["embedding"], (batch, self_.embedding_dim))
+  chex.assert_shape(out["fc"], (batch, fc_dims[0]))
+  return out
+
+
+class AlexNetHalf(nn.Module):
+  """CMC's half AlexNet, exactly spec table 3.1 (224x224 input only).
+
+  conv1 11x11/4 p2 ->48, conv2 5x5 p2 ->128, conv3/4 3x3 p1 ->192, conv5 3x3 p1 ->128, each
+  conv bias-free + BN + ReLU, max pool 3/2 after conv1, conv2 and conv5; fc6 4608->2048,
+  fc7 2048->2048 (bias, BN, ReLU), fc8 2048->embedding_dim, L2. ~14.85M parameters for a
+  3-channel input. conv = 6x6x128 conv5 map flattened (4608), fc = fc6 after BN + ReLU (2048).
+  `width` scales every channel and fc width (1.0 is the spec network).
+  """
+  embedding_dim: int = 128
+  width: float = 1.0
+  axis_name: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> dict:
+    _check_images(x)
+    if x.shape[1] != 224:
+      raise ValueError(
+          f"AlexNetHalf (spec 3.1) needs 224x224 inputs, got {x.shape[1]}x{x.shape[2]}; "
+          "upsample to 224 (spec A8) or use encoder='alexnet_small' for 32/64/96 inputs")
+    block = maybe_remat(ConvBNReLU, self.remat)
+    w = self.width
+    kw = dict(axis_name=self.axis_name, dtype=self.dtype)
+    h = x.astype(self.dtype)
+    h = block(_scaled(48, w), 11, strides=4, padding=2, pool=(3, 2), name="conv1", **kw)(
+        h, train)
+    h = block(_scaled(128, w), 5, padding=2, pool=(3, 2), name="conv2", **kw)(h, train)
+    h = block(_scaled(192, w), 3, padding=1, name="conv3", **kw)(h, train)
+    h = block(_scaled(192, w), 3, padding=1, name="conv4", **kw)(h, train)
+    h = block(_scaled(128, w), 3, padding=1, pool=(3, 2), name="conv5", **kw)(h, train)
+    chex.assert_shape(h, (x.shape[0], 6, 6, _scaled(128, w)))
+    conv_feat = h.reshape((h.shape[0], -1))
+    return _head(self, conv_feat, (_scaled(2048, w), _scaled(2048, w)), train, "fc", 6)
+
+
+class AlexNetSmall(nn.Module):
+  """Our cheap variant of the half AlexNet for native 32/64/96-pixel inputs (not in the paper).
+
+  Same 5-conv + 3-fc shape and conv widths as AlexNetHalf: conv1 5x5 (stride S/32, so every
+  input size reaches the same maps) ->48, pool 3/2; conv2 5x5 ->128, pool 3/2; conv3/4 3x3
+  ->192; conv5 3x3 ->128, pool 3/2 (pools SAME-padded: 32 -> 16 -> 8 -> 4). conv = 4x4x128
+  (2048), fc = fc6 1024 after BN + ReLU, fc7 1024, fc8 embedding_dim, L2 (at width 1.0).
+  The input side must be a multiple of 32.
+  """
+  embedding_dim: int = 128
+  width: float = 1.0
+  axis_name: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> dict:
+    _check_images(x)
+    size = x.shape[1]
+    if size % 32 != 0:
+      raise ValueError(f"AlexNetSmall needs an input side that is a multiple of 32 "
+                       f"(32, 64, 96, ...), got {size}")
+    block = maybe_remat(ConvBNReLU, self.remat)
+    w = self.width
+    kw = dict(axis_name=self.axis_name, dtype=self.dtype, pool_padding="SAME")
+    h = x.astype(self.dtype)
+    h = block(_scaled(48, w), 5, strides=size // 32, padding=2, pool=(3, 2), name="conv1",
+              **kw)(h, train)
+    h = block(_scaled(128, w), 5, padding=2, pool=(3, 2), name="conv2", **kw)(h, train)
+    h = block(_scaled(192, w), 3, padding=1, name="conv3", **kw)(h, train)
+    h = block(_scaled(192, w), 3, padding=1, name="conv4", **kw)(h, train)
+    h = block(_scaled(128, w), 3, padding=1, pool=(3, 2), name="conv5", **kw)(h, train)
+    chex.assert_shape(h, (x.shape[0], 4, 4, _scaled(128, w)))
+    conv_feat = h.reshape((h.shape[0], -1))
+    return _head(self, conv_feat, (_scaled(1024, w), _scaled(1024, w)), train, "fc", 6)
+
+
+class BasicBlock(nn.Module):
+  """ResNet BasicBlock (He et al. 2016): two 3x3 conv-BN, projection shortcut when needed."""
+  features: int
+  strides: int = 1
+  axis_name: Optional[str] = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    y = conv(self.features, 3, x.shape[-1], strides=self.strides, padding=1, dtype=self.dtype,
+             name="conv1")(x)
+    y = nn.relu(batch_norm(train, self.axis_name, self.dtype, name="bn1")(y))
+    y = conv(self.features, 3, self.features, padding=1, dtype=self.dtype, name="conv2")(y)
+    y = batch_norm(train, self.axis_name, self.dtype, name="bn2")(y)
+    shortcut = x
+    if self.strides != 1 or x.shape[-1] != self.features:
+      shortcut = conv(self.features, 1, x.shape[-1], strides=self.strides, padding=0,
+                      dtype=self.dtype, name="shortcut_conv")(x)
+      shortcut = batch_norm(train, self.axis_name, self.dtype, name="shortcut_bn")(shortcut)
+    return nn.relu(y + shortcut)
+
+
+class ResNet18(nn.Module):
+  """CIFAR-style ResNet-18: 3x3 stem, no max pool, stages [64,128,256,512]*width, 2 blocks each.
+
+  conv = global-average-pooled last stage (512 at width 1); fc = hidden projection
+  Dense(2048*width) -> BN -> ReLU; then Dense(embedding_dim) -> L2.
+  """
+  embedding_dim: int = 128
+  width: float = 1.0
+  axis_name: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> dict:
+    _check_images(x)
+    w = self.width
+    h = x.astype(self.dtype)
+    h = ConvBNReLU(_scaled(64, w), 3, padding=1, axis_name=self.axis_name, dtype=self.dtype,
+                   name="stem")(h, train)
+    block = maybe_remat(BasicBlock, self.remat)
+    for stage, (channels, strides) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2))):
+      for b in range(2):
+        h = block(_scaled(channels, w), strides if b == 0 else 1, axis_name=self.axis_name,
+                  dtype=self.dtype, name=f"stage{stage + 1}_block{b + 1}")(h, train)
+    conv_feat = jnp.mean(h.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+    return _head(self, conv_feat, (_scaled(2048, w),), train, "fc", 1)
+
+
+class DigitsConvNet(nn.Module):
+  """Small, fast conv net for 16x16 grey digits: the quick-start model on a CPU (not in paper).
+
+  conv3x3 32 -> conv3x3 32 -> max pool 2 -> conv3x3 64 -> max pool 2 (each conv bias-free +
+  BN + ReLU), conv = 4x4x64 flattened (1024 at 16x16 input); fc = Dense(256) -> BN -> ReLU;
+  then Dense(embedding_dim) -> L2. `width` scales all channels and the fc width.
+  """
+  embedding_dim: int = 128
+  width: float = 1.0
+  axis_name: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> dict:
+    _check_images(x)
+    block = maybe_remat(ConvBNReLU, self.remat)
+    w = self.width
+    kw = dict(axis_name=self.axis_name, dtype=self.dtype)
+    h = x.astype(self.dtype)
+    h = block(_scaled(32, w), 3, padding=1, name="conv1", **kw)(h, train)
+    h = block(_scaled(32, w), 3, padding=1, pool=(2, 2), name="conv2", **kw)(h, train)
+    h = block(_scaled(64, w), 3, padding=1, pool=(2, 2), name="conv3", **kw)(h, train)
+    conv_feat = h.reshape((h.shape[0], -1))
+    return _head(self, conv_feat, (_scaled(256, w),), train, "fc", 1)
+
+
+_ENCODERS = {
+    "digits_conv": DigitsConvNet,
+    "alexnet_small": AlexNetSmall,
+    "alexnet_half": AlexNetHalf,
+    "resnet18": ResNet18,
+}
+
+
+def parse_dtype(name: str) -> Dtype:
+  """Maps the config string "float32" / "bfloat16" to a jnp dtype."""
+  if name not in _DTYPES:
+    raise ValueError(f"model dtype must be one of {tuple(_DTYPES)}, got {name!r}")
+  return _DTYPES[name]
+
+
+def build_encoder(model_config: Any, axis_name: Optional[str] = None,
+                  name: Optional[str] = None) -> nn.Module:
+  """Builds the encoder named by `model_config.encoder` (config `model` section).
+
+  Reads encoder, embedding_dim, width, dtype and the optional `remat` (default False).
+  `name` is the Flax submodule name when built inside another module.
+  """
+  encoder = model_config.encoder
+  if encoder not in _ENCODERS:
+    raise ValueError(f"unknown encoder {encoder!r}; allowed: {', '.join(ENCODER_NAMES)}")
+  return _ENCODERS[encoder](
+      embedding_dim=int(model_config.embedding_dim), width=float(model_config.width),
+      axis_name=axis_name, dtype=parse_dtype(model_config.dtype),
+      remat=bool(model_config.get("remat", False)), name=name)
+
+
+class MultiViewEncoder(nn.Module):
+  """One encoder per view (CMC/MetAug, spec 3.1, D5) or a single shared one (SimCLR).
+
+  Submodules are named view_0, view_1, ... (params['view_0'], ...). With share=True there is
+  one encoder, `view_0`, and the views are concatenated along the batch so that BatchNorm
+  sees all views in one batch and its running statistics are updated once.
+  """
+  model_config: Any
+  num_views: int
+  axis_name: Optional[str] = None
+  share: bool = False
+
+  @nn.compact
+  def __call__(self, views: Sequence[jax.Array], train: bool) -> tuple[dict, ...]:
+    if len(views) != self.num_views:
+      raise ValueError(f"expected {self.num_views} views, got {len(views)}")
+    for v in views:
+      chex.assert_rank(v, 4)
+    if not self.share:
+      return tuple(
+          build_encoder(self.model_config, self.axis_name, name=f"view_{i}")(v, train)
+          for i, v in enumerate(views))
+    shapes = {tuple(v.shape) for v in views}
+    if len(shapes) != 1:
+      raise ValueError(f"a shared encoder needs views of one shape, got {sorted(shapes)}")
+    batch = views[0].shape[0]
+    out = build_encoder(self.model_config, self.axis_name, name="view_0")(
+        jnp.concatenate(views, axis=0), train)
+    return tuple({k: a[i * batch:(i + 1) * batch] for k, a in out.items()}
+                 for i in range(self.num_views))

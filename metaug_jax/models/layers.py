@@ -1,0 +1,112 @@
+"""Small shared building blocks: NaN-safe L2 normalisation, PyTorch-like initialisers, BN.
+
+Everything here is differentiated twice (MetAug's meta-gradient, spec section 6), so each
+helper is smooth or has a finite gradient at its non-smooth points (jax_notes section 4.5).
+"""
+
+import math
+from typing import Any, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Padding = Union[str, int, Sequence[tuple[int, int]]]
+
+# PyTorch's default Conv/Linear weight init, Kaiming-uniform(a=sqrt(5)), is U(+-1/sqrt(fan_in))
+# (spec A12): variance_scaling(scale, "fan_in", "uniform") draws U(+-sqrt(3 * scale / fan_in)).
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """Divides x by its L2 norm along `axis`; finite value and gradients (any order) at x = 0.
+
+  Computes x * rsqrt(max(|x|^2, eps)) (jax_notes 4.5): at an all-zero row the max selects the
+  constant eps, so the result is 0 and every derivative is finite (not NaN as with x/|x|).
+  """
+  sq = jnp.sum(x * x, axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, eps))
+
+
+def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
+  """PyTorch's default bias init U(+-1/sqrt(fan_in)) (spec A12); needs the layer's fan_in."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def dense(features: int, in_features: int, *, use_bias: bool = True,
+          dtype: Dtype = jnp.float32, name: Optional[str] = None) -> nn.Dense:
+  """An nn.Dense initialised like torch.nn.Linear (spec A12); `in_features` is its fan_in."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=torch_kernel_init, bias_init=torch_bias_init(in_features),
+                  name=name)
+
+
+def _explicit_padding(padding: Padding) -> Padding:
+  """An int p means p pixels on each side (PyTorch's `padding=p`)."""
+  if isinstance(padding, int):
+    return ((padding, padding), (padding, padding))
+  return padding
+
+
+def conv(features: int, kernel_size: int, in_features: int, *, strides: int = 1,
+         padding: Padding = "SAME", use_bias: bool = False, dtype: Dtype = jnp.float32,
+         name: Optional[str] = None) -> nn.Conv:
+  """A square NHWC nn.Conv initialised like torch.nn.Conv2d (spec A12); no bias by default."""
+  fan_in = kernel_size * kernel_size * in_features
+  return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
+                 padding=_explicit_padding(padding), use_bias=use_bias, dtype=dtype,
+                 param_dtype=jnp.float32, kernel_init=torch_kernel_init,
+                 bias_init=torch_bias_init(fan_in), name=name)
+
+
+def batch_norm(train: bool, axis_name: Optional[str] = None, dtype: Dtype = jnp.float32,
+               name: Optional[str] = None) -> nn.BatchNorm:
+  """BatchNorm with PyTorch defaults (spec A12: momentum 0.1 = Flax 0.9, eps 1e-5).
+
+  In train mode the batch statistics are averaged over the pmap/shard_map axis `axis_name`
+  (SyncBN); in eval mode the running averages are used and no axis is needed.
+  """
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                      axis_name=axis_name if train else None, dtype=dtype,
+                      param_dtype=jnp.float32, name=name)
+
+
+class ConvBNReLU(nn.Module):
+  """Conv (no bias) -> BN -> ReLU -> optional max pool: one conv block of the encoders.
+
+  A module of its own so that encoders can wrap it in `nn.remat` (rematerialisation is useful
+  on sub-blocks, jax_notes 4.6). `pool` is (window, stride) or None.
+  """
+  features: int
+  kernel_size: int
+  strides: int = 1
+  padding: Padding = "SAME"
+  pool: Optional[tuple[int, int]] = None
+  pool_padding: Padding = "VALID"
+  axis_name: Optional[str] = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = conv(self.features, self.kernel_size, x.shape[-1], strides=self.strides,
+             padding=self.padding, dtype=self.dtype, name="conv")(x)
+    x = batch_norm(train, self.axis_name, self.dtype, name="bn")(x)
+    x = nn.relu(x)
+    if self.pool is not None:
+      window, stride = self.pool
+      x = nn.max_pool(x, (window, window), strides=(stride, stride),
+                      padding=_explicit_padding(self.pool_padding))
+    return x
+
+
+def maybe_remat(module_cls: type[nn.Module], remat: bool) -> type[nn.Module]:
+  """`nn.remat(module_cls)` with a static `train` (positional arg 2 after self, x) if remat."""
+  if remat:
+    return nn.remat(module_cls, static_argnums=(2,))
+  return module_cls

@@ -1,0 +1,84 @@
+"""Data parallelism: the pmap wrapper, cross-device helpers and multi-host start-up.
+
+The train state is replicated (pmap `in_axes=None, out_axes=None`, the flax imagenet idiom),
+the batch carries a leading device axis. Inside a step, gradients are averaged with
+`lax.pmean` *after* `grad` (jax_notes 3.2: the pmap idiom), BatchNorm statistics are synced
+over AXIS, and anything random is drawn for the global batch and sliced, so a step gives the
+same result on any number of devices.
+"""
+
+import os
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+AXIS = "batch"
+
+
+def local_devices(num_devices: int = 0) -> list:
+  """The first `num_devices` local devices (all of them when 0)."""
+  devices = jax.local_devices()
+  if num_devices:
+    if num_devices > len(devices):
+      raise ValueError(f"num_devices={num_devices} but only {len(devices)} local devices exist "
+                       f"({devices[0].platform}); use --config.num_devices=0 for all.")
+    devices = devices[:num_devices]
+  return devices
+
+
+def pmap_step(step_fn: Callable, devices: Sequence, donate: bool = True) -> Callable:
+  """Maps step_fn(state, batch) -> (state, metrics) over devices; state in/out replicated."""
+  return jax.pmap(step_fn, axis_name=AXIS, in_axes=(None, 0), out_axes=(None, None),
+                  donate_argnums=(0,) if donate else (), devices=devices)
+
+
+def device_offset(local_batch: int) -> jax.Array:
+  """Global row of this device's first example (inside a pmapped function)."""
+  return jax.lax.axis_index(AXIS) * local_batch
+
+
+def local_rows(global_array: jax.Array, local_batch: int) -> jax.Array:
+  """This device's rows of an array computed identically for the whole global batch."""
+  return jax.lax.dynamic_slice_in_dim(global_array, device_offset(local_batch), local_batch, 0)
+
+
+def gather_rows(x: jax.Array) -> jax.Array:
+  """Concatenates every device's rows in device order: (B_local, ...) -> (B_global, ...)."""
+  return jax.lax.all_gather(x, AXIS, tiled=True)
+
+
+def example_keys(key: jax.Array, local_batch: int) -> jax.Array:
+  """One key per example, a function of its global position only."""
+  positions = device_offset(local_batch) + jnp.arange(local_batch)
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(positions)
+
+
+def pmean(tree):
+  return jax.lax.pmean(tree, AXIS)
+
+
+def maybe_initialize_distributed(coordinator: Optional[str] = None,
+                                 num_processes: Optional[int] = None,
+                                 process_id: Optional[int] = None) -> None:
+  """Starts JAX's multi-process runtime when asked by flags or environment.
+
+  Arguments fall back to METAUG_COORDINATOR / METAUG_NUM_PROCESSES / METAUG_PROCESS_ID; with
+  none given and none in the environment, this is a single-process run and nothing happens.
+  On Cloud TPU / Slurm, set METAUG_DISTRIBUTED=auto to let JAX detect everything.
+  """
+  coordinator = coordinator or os.environ.get("METAUG_COORDINATOR")
+  if num_processes is None and os.environ.get("METAUG_NUM_PROCESSES"):
+    num_processes = int(os.environ["METAUG_NUM_PROCESSES"])
+  if process_id is None and os.environ.get("METAUG_PROCESS_ID"):
+    process_id = int(os.environ["METAUG_PROCESS_ID"])
+  if os.environ.get("METAUG_DISTRIBUTED") == "auto":
+    jax.distributed.initialize()
+  elif coordinator:
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+  else:
+    return
+  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -1,0 +1,190 @@
+"""train_and_evaluate(config, workdir): the loop used by the CLI, the tests and the notebook.
+
+Order of work: validate config -> load data -> build method -> init or resume state ->
+pmapped steps with progress, JSON-lines metrics and periodic checkpoints -> final checkpoint
+-> linear probe on the frozen encoder.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from metaug_jax import checkpoint as ckpt_lib
+from metaug_jax import config_check, methods, parallel
+from metaug_jax.data import loader as loader_lib
+from metaug_jax.data import sources
+from metaug_jax.data import views as views_lib
+from metaug_jax.evaluation import linear_probe
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from a config before any step runs."""
+  config: ml_collections.ConfigDict
+  dataset: sources.ImageDataset
+  method: methods.Method
+  devices: list
+  loader: loader_lib.EpochLoader
+  total_steps: int
+
+  def init_state(self, seed: Optional[int] = None):
+    """A fresh state (jitted init; shapes from two eval views of real images)."""
+    sample = views_lib.make_eval_views(self.dataset.pretrain_images[:2], self.config.data)
+    key = jax.random.PRNGKey(self.config.seed if seed is None else seed)
+    return jax.jit(self.method.init)(key, sample)
+
+  def abstract_state(self):
+    sample = views_lib.make_eval_views(self.dataset.pretrain_images[:2], self.config.data)
+    return jax.eval_shape(self.method.init, jax.random.PRNGKey(0), sample)
+
+
+def build_experiment(config: ml_collections.ConfigDict,
+                     dataset: Optional[sources.ImageDataset] = None) -> Experiment:
+  """Validates the config and builds data, method and loader (nothing is written)."""
+  devices = parallel.local_devices(config.num_devices) if jax.process_count() == 1 \
+      else jax.local_devices()
+  config_check.validate(config, len(devices), jax.process_count())
+  dataset = dataset or sources.load_dataset(config)
+  loader = loader_lib.EpochLoader(dataset.pretrain_images, global_batch_size=config.batch_size,
+                                  num_devices=len(devices), seed=config.seed,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+  total = config.num_train_steps or config.num_epochs * loader.steps_per_epoch
+  facts = methods.DataFacts(
+      view_channels=tuple(views_lib.view_channels(config.data, dataset.pretrain_images.shape[-1])),
+      bank_size=int(dataset.pretrain_images.shape[0]), steps_per_epoch=loader.steps_per_epoch,
+      global_batch=config.batch_size)
+  return Experiment(config, dataset, methods.build(config, facts), devices, loader, int(total))
+
+
+class MetricWriter:
+  """Appends one JSON object per logged step to workdir/metrics.jsonl (big_vision style)."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = enabled
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def _progress(total: int, initial: int, enabled: bool):
+  if not enabled:
+    return None
+  try:
+    from tqdm import tqdm
+  except ImportError:
+    return None
+  return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          experiment: Optional[Experiment] = None):
+  """Pre-trains (resuming from the newest checkpoint in workdir); returns (experiment, state)."""
+  exp = experiment or build_experiment(config)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    ckpt_lib.check_compatible(ckpt.restore_config(latest), config, workdir)
+    state = ckpt.restore_state(exp.abstract_state(), latest)
+    logging.info("resumed from step %d in %s", latest, ckpt.directory)
+    print(f"resuming from the checkpoint at step {latest}", flush=True)
+  else:
+    state = exp.init_state()
+  start = int(state.step)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  step_fn = parallel.pmap_step(exp.method.train_step, exp.devices)
+  writer = MetricWriter(workdir, enabled=is_main)
+  batches = loader_lib.prefetch(exp.loader.iterate(start), config.data.prefetch)
+  bar = _progress(exp.total_steps, start, config.progress_bar and is_main)
+  step, last_saved, tick, tick_step = start, start, time.time(), start
+  try:
+    while step < exp.total_steps:
+      state, metrics = step_fn(state, next(batches))
+      step += 1
+      if step % config.log_every_steps == 0 or step == exp.total_steps:
+        metrics = jax.device_get(metrics)
+        if not all(math.isfinite(float(v)) for v in metrics.values()):
+          bad = {k: float(v) for k, v in metrics.items() if not math.isfinite(float(v))}
+          raise NonFiniteLossError(
+              f"non-finite metrics {bad} between steps {step - config.log_every_steps} and "
+              f"{step}; the checkpoint at step {last_saved} is kept. Lower the learning rate "
+              f"or run with JAX_DEBUG_NANS=True to find the first NaN.")
+        now = time.time()
+        metrics["steps_per_sec"] = (step - tick_step) / max(now - tick, 1e-9)
+        tick, tick_step = now, step
+        writer.write(step, metrics)
+        if bar is not None:
+          shown = metrics.get("loss", metrics.get("loss_total", 0.0))
+          bar.set_postfix(loss=f"{shown:.4f}", steps_s=f"{metrics['steps_per_sec']:.2f}")
+      if bar is not None:
+        bar.update(1)
+      if step % config.checkpoint_every_steps == 0:
+        ckpt.save(step, state, config)
+        last_saved = step
+      if config.debug_kill_at_step and step == config.debug_kill_at_step:
+        ckpt.wait()  # crash drill for the tests: die hard, right after a checkpoint
+        os.kill(os.getpid(), signal.SIGKILL)
+  except KeyboardInterrupt:
+    print(f"\ninterrupted at step {step}; saving a checkpoint so the run can resume", flush=True)
+    raise
+  finally:
+    if bar is not None:
+      bar.close()
+    if step > last_saved and _alive(state):
+      ckpt.save(step, state, config)
+    ckpt.close()
+  return exp, state
+
+
+def _alive(state) -> bool:
+  """False if the state's buffers were donated to a step that never returned."""
+  try:
+    return not any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state))
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def evaluate_state(exp: Experiment, state, workdir: Optional[str] = None,
+                   title: str = "linear probe") -> dict:
+  """Linear probe of a state's frozen encoder; prints a table and writes probe JSON."""
+  params, stats = jax.device_get((state.params, state.batch_stats))
+  results = linear_probe.evaluate(exp.method, params, stats, exp.dataset, exp.config)
+  print(linear_probe.format_table(results, f"{title} ({exp.config.dataset}, "
+                                           f"{exp.config.method}, step {int(state.step)})"),
+        flush=True)
+  if workdir and jax.process_index() == 0:
+    with open(os.path.join(workdir, f"probe_step_{int(state.step)}.json"), "w") as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Pre-train, checkpoint, then linear-probe; returns the probe results (or {})."""
+  exp, state = train(config, workdir)
+  if not config.eval.probe_after_training:
+    return {}
+  return evaluate_state(exp, state, workdir)

@@ -1,0 +1,12 @@
+"""Test set-up: 4 simulated CPU devices, set before anything imports jax (jax_notes 3.3)."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=4").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl import flags  # noqa: E402
+
+# absl flags are defined at import by metaug_jax.main; let pytest use them unparsed.
+flags.FLAGS.mark_as_parsed()

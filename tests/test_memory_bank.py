@@ -1,0 +1,64 @@
+"""Memory bank: unit-norm rows, the momentum update, scores, device-independent sampling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metaug_jax import memory_bank, parallel
+
+
+def _unit(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_init_rows_are_unit_norm():
+  banks = memory_bank.init_banks(jax.random.PRNGKey(0), 3, 50, 16)
+  assert banks.shape == (3, 50, 16)
+  np.testing.assert_allclose(np.linalg.norm(banks, axis=-1), 1.0, atol=1e-5)
+
+
+def test_update_is_normalised_momentum_average_of_batch_rows_only():
+  rng = np.random.default_rng(0)
+  banks = jnp.asarray(_unit(rng.normal(size=(2, 10, 4))), jnp.float32)
+  index = jnp.array([7, 2, 5])
+  feats = [jnp.asarray(_unit(rng.normal(size=(3, 4))), jnp.float32) for _ in range(2)]
+  new = np.asarray(memory_bank.update(banks, index, feats, 0.5))
+  for v in range(2):
+    expected = _unit(0.5 * np.asarray(banks[v, index]) + 0.5 * np.asarray(feats[v]))
+    np.testing.assert_allclose(new[v, index], expected, atol=1e-6)
+    others = np.setdiff1d(np.arange(10), np.asarray(index))
+    np.testing.assert_array_equal(new[v, others], np.asarray(banks[v, others]))
+  np.testing.assert_allclose(np.linalg.norm(new, axis=-1), 1.0, atol=1e-5)
+
+
+def test_score_call_matches_numpy_for_every_direction():
+  rng = np.random.default_rng(1)
+  banks = jnp.asarray(_unit(rng.normal(size=(3, 20, 8))), jnp.float32)
+  queries = [jnp.asarray(_unit(rng.normal(size=(4, 8))), jnp.float32) for _ in range(3)]
+  idx = jnp.asarray(rng.integers(0, 20, size=(4, 6)), jnp.int32)
+  scores = np.asarray(memory_bank.score_call(queries, banks, idx))
+  dirs = memory_bank.directions(3)
+  assert scores.shape == (4, 6, 6) and len(dirs) == 6
+  for d, (x, y) in enumerate(dirs):
+    rows = np.asarray(banks)[y][np.asarray(idx)]                       # (4, 6, 8)
+    expected = (np.einsum("bd,bkd->bk", np.asarray(queries[x]), rows) + 1) / 2
+    np.testing.assert_allclose(scores[:, d], expected, atol=1e-6)
+  pos, neg = memory_bank.split_scores(jnp.asarray(scores))
+  assert pos.shape == (4, 6) and neg.shape == (4, 30)
+  np.testing.assert_array_equal(pos, scores[:, :, 0])
+
+
+def test_drawn_indices_do_not_depend_on_device_count():
+  key = jax.random.PRNGKey(3)
+  anchors = np.arange(8, dtype=np.int32) + 100
+
+  def draw(anchor):
+    return memory_bank.draw_indices(key, anchor, 8, 5, 1000)
+
+  out = {}
+  for n in (1, 4):
+    f = jax.pmap(draw, axis_name=parallel.AXIS, devices=jax.devices()[:n])
+    out[n] = np.asarray(f(anchors.reshape(n, 8 // n))).reshape(8, 6)
+  np.testing.assert_array_equal(out[1], out[4])
+  np.testing.assert_array_equal(out[1][:, 0], anchors)   # column 0 is the anchor's own row
+  assert out[1][:, 1:].min() >= 0 and out[1][:, 1:].max() < 1000
