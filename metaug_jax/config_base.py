@@ -51,6 +51,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.share_encoder = False  # one encoder for all views (SimCLR) or one per view (CMC)
   c.model.mag_hidden = 2048      # MAG width (spec 3.2)
   c.model.dtype = "float32"      # compute dtype: float32 or bfloat16 (params stay float32)
+  c.model.remat = False          # rematerialise the conv blocks (memory for compute)
 
   # ---- optimisation -----------------------------------------------------------------------
   c.batch_size = 128             # global batch, split over devices
@@ -95,7 +96,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.metaug.mag_lr = 0.03
   c.metaug.mag_momentum = 0.9
   c.metaug.mag_weight_decay = 1e-4
-  c.metaug.remat = False         # jax.checkpoint the encoders (memory for compute)
 
   # ---- loop, logging, checkpoints -----------------------------------------------------------
   c.log_every_steps = 10

@@ -75,7 +75,7 @@ def score_call(queries: Sequence[jax.Array], banks: jax.Array,
   rows = gather(banks, indices)
   out = []
   for x, y in directions(num_views):
-    cos = jnp.einsum("bd,bkd->bk", queries[x].astype(jnp.float32), rows[y])
+    cos = jnp.einsum("bd,bkd->bk", queries[x], rows[y])
     out.append((cos + 1.0) / 2.0)
   return jnp.stack(out, axis=1)
 
@@ -97,7 +97,7 @@ def update(banks: jax.Array, index: jax.Array, features: Sequence[jax.Array],
     features: V arrays (B, D) of original (never augmented) embeddings.
     momentum: CMC's nce_m (0.5).
   """
-  feats = jax.lax.stop_gradient(jnp.stack([f.astype(jnp.float32) for f in features]))
+  feats = jax.lax.stop_gradient(jnp.stack(features)).astype(banks.dtype)
   chex.assert_equal(feats.shape[:2], (banks.shape[0], index.shape[0]))
   old = banks[:, index]
   new = l2_normalize(momentum * old + (1.0 - momentum) * feats)

@@ -41,7 +41,8 @@ def affine_sample(image: jax.Array, matrix: jax.Array, out_size: Union[int, Sequ
   The default mode 'nearest' repeats the edge pixel outside the image: up-sampling a whole
   image then has no dark rim (its outermost output pixels sample up to half a pixel beyond the
   input), and rotated/translated images get smeared edges instead of black wedges. Pass
-  mode='constant' to fill with 0 instead.
+  mode='constant' to fill with 0 instead. There is no anti-aliasing: strong down-scaling
+  aliases (unlike PIL's resize), which does not arise when up-sampling small images.
   """
   chex.assert_rank(image, 3)
   chex.assert_shape(matrix, (2, 3))
@@ -96,20 +97,22 @@ def compose_affine(outer: jax.Array, inner: jax.Array) -> jax.Array:
   return jnp.concatenate([linear, offset[:, None]], axis=1)
 
 
-def random_resized_crop_matrix(key: chex.PRNGKey, in_hw: Sequence[int],
-                               out_size: Union[int, Sequence[int]],
-                               scale: Sequence[float] = (0.08, 1.0),
-                               ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
-                               flip: bool = False) -> jax.Array:
-  """A torchvision-style RandomResizedCrop (+ horizontal flip with p=0.5 if `flip`) as a matrix.
+CROP_UNIFORMS = 5     # uniforms consumed by resized_crop_matrix_from_uniforms
+JITTER_UNIFORMS = 3   # uniforms consumed by affine_jitter_matrix_from_uniforms
 
-  The box area is a uniform fraction `scale` of the image, the aspect ratio w/h is log-uniform
-  in `ratio`; instead of torchvision's rejection loop (data-dependent control flow), a box that
-  does not fit is clipped to the image, and its position is uniform over the valid range.
+
+def resized_crop_matrix_from_uniforms(u: jax.Array, in_hw: Sequence[int],
+                                      out_size: Union[int, Sequence[int]],
+                                      scale: Sequence[float] = (0.08, 1.0),
+                                      ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+                                      flip: bool = False) -> jax.Array:
+  """`random_resized_crop_matrix` as a function of 5 uniforms in [0, 1) instead of a key.
+
+  Lets a caller draw all the scalars of an example in one RNG call (every RNG call adds
+  threefry code to compile).
   """
+  chex.assert_shape(u, (CROP_UNIFORMS,))
   in_h, in_w = float(in_hw[0]), float(in_hw[1])
-  # One draw for all five numbers: fewer RNG calls compile much faster.
-  u = jax.random.uniform(key, (5,))
   area = in_h * in_w * (scale[0] + (scale[1] - scale[0]) * u[0])
   log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
   aspect = jnp.exp(log_lo + (log_hi - log_lo) * u[1])
@@ -121,6 +124,39 @@ def random_resized_crop_matrix(key: chex.PRNGKey, in_hw: Sequence[int],
   return crop_matrix(top, left, height, width, out_size, do_flip)
 
 
+def random_resized_crop_matrix(key: chex.PRNGKey, in_hw: Sequence[int],
+                               out_size: Union[int, Sequence[int]],
+                               scale: Sequence[float] = (0.08, 1.0),
+                               ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+                               flip: bool = False) -> jax.Array:
+  """A torchvision-style RandomResizedCrop (+ horizontal flip with p=0.5 if `flip`) as a matrix.
+
+  The box area is a uniform fraction `scale` of the image, the aspect ratio w/h is log-uniform
+  in `ratio`; instead of torchvision's rejection loop (data-dependent control flow), a box that
+  does not fit is clipped to the image, and its position is uniform over the valid range.
+  """
+  return resized_crop_matrix_from_uniforms(jax.random.uniform(key, (CROP_UNIFORMS,)), in_hw,
+                                           out_size, scale, ratio, flip)
+
+
+def affine_jitter_matrix_from_uniforms(u: jax.Array, frame_hw: Sequence[int],
+                                       max_rotation_deg: float,
+                                       max_translate: float) -> jax.Array:
+  """`random_affine_jitter_matrix` as a function of 3 uniforms in [0, 1) instead of a key."""
+  chex.assert_shape(u, (JITTER_UNIFORMS,))
+  frame_h, frame_w = float(frame_hw[0]), float(frame_hw[1])
+  signed = 2.0 * u - 1.0
+  angle = signed[0] * math.radians(max_rotation_deg)
+  ty = signed[1] * max_translate * frame_h
+  tx = signed[2] * max_translate * frame_w
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  cy, cx = (frame_h - 1.0) / 2.0, (frame_w - 1.0) / 2.0
+  # p_in = R (p - c) + c + t
+  off_y = cy + ty - (cos * cy - sin * cx)
+  off_x = cx + tx - (sin * cy + cos * cx)
+  return jnp.stack([jnp.stack([cos, -sin, off_y]), jnp.stack([sin, cos, off_x])])
+
+
 def random_affine_jitter_matrix(key: chex.PRNGKey, frame_hw: Sequence[int],
                                 max_rotation_deg: float, max_translate: float) -> jax.Array:
   """A small random rotation (about the frame centre) and translation, as a 2x3 matrix.
@@ -129,17 +165,8 @@ def random_affine_jitter_matrix(key: chex.PRNGKey, frame_hw: Sequence[int],
   +-max_translate * side along each axis, both in the pixel frame `frame_hw`. Compose it with
   a crop as `compose_affine(crop, jitter)` to rotate the output grid about its own centre.
   """
-  frame_h, frame_w = float(frame_hw[0]), float(frame_hw[1])
-  u = jax.random.uniform(key, (3,), minval=-1.0, maxval=1.0)
-  angle = u[0] * math.radians(max_rotation_deg)
-  ty = u[1] * max_translate * frame_h
-  tx = u[2] * max_translate * frame_w
-  cos, sin = jnp.cos(angle), jnp.sin(angle)
-  cy, cx = (frame_h - 1.0) / 2.0, (frame_w - 1.0) / 2.0
-  # p_in = R (p - c) + c + t
-  off_y = cy + ty - (cos * cy - sin * cx)
-  off_x = cx + tx - (sin * cy + cos * cx)
-  return jnp.stack([jnp.stack([cos, -sin, off_y]), jnp.stack([sin, cos, off_x])])
+  return affine_jitter_matrix_from_uniforms(jax.random.uniform(key, (JITTER_UNIFORMS,)),
+                                            frame_hw, max_rotation_deg, max_translate)
 
 
 # ---- colour spaces -----------------------------------------------------------------------
@@ -236,15 +263,14 @@ def adjust_hue(image: jax.Array, delta) -> jax.Array:
   return jnp.clip(hsv_to_rgb(hsv), 0.0, 1.0)
 
 
-def color_jitter(key: chex.PRNGKey, image: jax.Array, brightness: float, contrast: float,
-                 saturation: float, hue: float) -> jax.Array:
-  """torchvision ColorJitter factors in a fixed order (brightness, contrast, saturation, hue).
+COLOR_JITTER_UNIFORMS = 4  # uniforms consumed by color_jitter_from_uniforms
 
-  Factors are uniform in [max(0, 1 - x), 1 + x] for the first three, the hue shift uniform in
-  [-hue, hue]. `image` must be RGB (H, W, 3).
-  """
+
+def color_jitter_from_uniforms(u: jax.Array, image: jax.Array, brightness: float,
+                               contrast: float, saturation: float, hue: float) -> jax.Array:
+  """`color_jitter` as a function of 4 uniforms in [0, 1) instead of a key."""
+  chex.assert_shape(u, (COLOR_JITTER_UNIFORMS,))
   chex.assert_axis_dimension(image, -1, 3)
-  u = jax.random.uniform(key, (4,))
   def factor(i, x):
     lo = max(0.0, 1.0 - x)
     return lo + (1.0 + x - lo) * u[i]
@@ -254,20 +280,39 @@ def color_jitter(key: chex.PRNGKey, image: jax.Array, brightness: float, contras
   return adjust_hue(image, hue * (2.0 * u[3] - 1.0))
 
 
+def color_jitter(key: chex.PRNGKey, image: jax.Array, brightness: float, contrast: float,
+                 saturation: float, hue: float) -> jax.Array:
+  """torchvision ColorJitter factors in a fixed order (brightness, contrast, saturation, hue).
+
+  Factors are uniform in [max(0, 1 - x), 1 + x] for the first three, the hue shift uniform in
+  [-hue, hue]. `image` must be RGB (H, W, 3).
+  """
+  return color_jitter_from_uniforms(jax.random.uniform(key, (COLOR_JITTER_UNIFORMS,)), image,
+                                    brightness, contrast, saturation, hue)
+
+
+def simclr_jitter_strengths(strength: float) -> tuple[float, float, float, float]:
+  """SimCLR's (brightness, contrast, saturation, hue) for colour-jitter strength s."""
+  return (0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength)
+
+
 def random_color_jitter(key: chex.PRNGKey, image: jax.Array, strength: float,
                         probability: float = 0.8) -> jax.Array:
   """SimCLR's colour distortion: with `probability`, jitter (0.8s, 0.8s, 0.8s, 0.2s)."""
-  k_apply, k_jitter = jax.random.split(key)
-  jittered = color_jitter(k_jitter, image, 0.8 * strength, 0.8 * strength, 0.8 * strength,
-                          0.2 * strength)
-  return jnp.where(jax.random.bernoulli(k_apply, probability), jittered, image)
+  u = jax.random.uniform(key, (1 + COLOR_JITTER_UNIFORMS,))
+  jittered = color_jitter_from_uniforms(u[1:], image, *simclr_jitter_strengths(strength))
+  return jnp.where(u[0] < probability, jittered, image)
+
+
+def grayscale_rgb(image: jax.Array) -> jax.Array:
+  """An RGB image's grey version, kept 3-channel."""
+  chex.assert_axis_dimension(image, -1, 3)
+  return jnp.broadcast_to(rgb_to_grey(image), image.shape)
 
 
 def random_grayscale(key: chex.PRNGKey, image: jax.Array, probability: float) -> jax.Array:
   """With `probability`, replaces an RGB image by its grey version (kept 3-channel)."""
-  chex.assert_axis_dimension(image, -1, 3)
-  grey = jnp.broadcast_to(rgb_to_grey(image), image.shape)
-  return jnp.where(jax.random.bernoulli(key, probability), grey, image)
+  return jnp.where(jax.random.uniform(key, ()) < probability, grayscale_rgb(image), image)
 
 
 def gaussian_noise(key: chex.PRNGKey, image: jax.Array, std: float) -> jax.Array:

@@ -12,7 +12,7 @@ import numpy as np
 
 
 class EpochLoader:
-  """Host-side iterator over a uint8 image array: per-epoch shuffle from a seed, global batch sharded over local devices.
+  """Host-side iterator over uint8 images: per-epoch seeded shuffle, global batch sharded.
 
   Epoch `e` visits the rows in the order `np.random.default_rng([seed, e]).permutation(N)`;
   the last `N % global_batch_size` rows of each permutation are dropped. The global batch is
@@ -48,15 +48,17 @@ class EpochLoader:
     self.seed = seed
     self.process_index = process_index
     self.process_count = process_count
-    self._cached_epoch: Optional[int] = None  # memo of one permutation; results never depend on it
-    self._cached_perm: Optional[np.ndarray] = None
+    # Memo of the last (epoch, permutation); replaced as one tuple so that threads sharing the
+    # loader never pair an epoch with another epoch's permutation. Results never depend on it.
+    self._memo: Optional[tuple[int, np.ndarray]] = None
 
   def permutation(self, epoch: int) -> np.ndarray:
     """The visiting order of `epoch` (a pure function of seed and epoch)."""
-    if epoch != self._cached_epoch:
-      self._cached_perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-      self._cached_epoch = epoch
-    return self._cached_perm
+    memo = self._memo
+    if memo is None or memo[0] != epoch:
+      memo = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_examples))
+      self._memo = memo
+    return memo[1]
 
   def global_indices_at(self, step: int) -> np.ndarray:
     """Rows of `images` in the whole global batch of `step` (all processes), int64 (G,)."""

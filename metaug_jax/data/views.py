@@ -23,6 +23,7 @@ from metaug_jax import config_base
 from metaug_jax.data import augment
 
 _LAB_KINDS = ("lab", "lab2")
+_SIMCLR_JITTER_PROBABILITY = 0.8  # SimCLR applies colour jitter to 80% of views
 
 
 class ViewParams(NamedTuple):
@@ -94,46 +95,66 @@ def _split_lab(kind: str, rgb: jax.Array) -> tuple[jax.Array, ...]:
   return views + (lab,) if kind == "lab" else views
 
 
-def _crop(key, image, p: ViewParams):
-  """Random resized crop (+flip) of one float image to S x S."""
-  matrix = augment.random_resized_crop_matrix(key, image.shape[:2], p.input_size, p.crop_scale,
-                                              p.crop_ratio, flip=p.flip)
+def _crop(u, image, p: ViewParams):
+  """Random resized crop (+flip) of one float image to S x S, from CROP_UNIFORMS uniforms."""
+  matrix = augment.resized_crop_matrix_from_uniforms(u, image.shape[:2], p.input_size,
+                                                     p.crop_scale, p.crop_ratio, flip=p.flip)
   return augment.affine_sample(image, matrix, p.input_size)
 
 
-def _augmented_copy(key, image, p: ViewParams):
-  """Crop (+flip), small rotation/translation, Gaussian noise, standardised."""
-  k_crop, k_jitter, k_noise = jax.random.split(key, 3)
-  matrix = augment.random_resized_crop_matrix(k_crop, image.shape[:2], p.input_size,
-                                              p.crop_scale, p.crop_ratio, flip=p.flip)
-  if p.max_rotation_deg > 0 or p.max_translate > 0:
-    jitter = augment.random_affine_jitter_matrix(
-        k_jitter, (p.input_size, p.input_size), p.max_rotation_deg, p.max_translate)
-    matrix = augment.compose_affine(matrix, jitter)
-  view = augment.affine_sample(image, matrix, p.input_size)
+def _augmented_copies(key, image, p: ViewParams):
+  """`num_views` copies: crop (+flip), small rotation/translation, Gaussian noise, standardised.
+
+  All randomness of the example comes from two RNG calls (fewer calls compile faster).
+  """
+  k_uniform, k_noise = jax.random.split(key)
+  n_crop, n_jitter = augment.CROP_UNIFORMS, augment.JITTER_UNIFORMS
+  u = jax.random.uniform(k_uniform, (p.num_views, n_crop + n_jitter))
+  size = p.input_size
+  noise = None
   if p.noise_std > 0:
-    view = augment.gaussian_noise(k_noise, view, p.noise_std)
-  return augment.standardize(view)
+    noise = jax.random.normal(k_noise, (p.num_views, size, size, image.shape[-1]))
+  views = []
+  for v in range(p.num_views):
+    matrix = augment.resized_crop_matrix_from_uniforms(
+        u[v, :n_crop], image.shape[:2], size, p.crop_scale, p.crop_ratio, flip=p.flip)
+    if p.max_rotation_deg > 0 or p.max_translate > 0:
+      jitter = augment.affine_jitter_matrix_from_uniforms(
+          u[v, n_crop:], (size, size), p.max_rotation_deg, p.max_translate)
+      matrix = augment.compose_affine(matrix, jitter)
+    view = augment.affine_sample(image, matrix, size)
+    if noise is not None:
+      view = view + p.noise_std * noise[v]
+    views.append(augment.standardize(view))
+  return tuple(views)
 
 
-def _simclr_copy(key, image, p: ViewParams):
-  """Crop (+flip), colour jitter with p=0.8 and random grey (RGB only), standardised."""
-  k_crop, k_jitter, k_grey = jax.random.split(key, 3)
-  view = _crop(k_crop, image, p)
-  if image.shape[-1] == 3:
-    view = augment.random_color_jitter(k_jitter, view, p.jitter_strength, 0.8)
-    view = augment.random_grayscale(k_grey, view, p.grey_probability)
-  return augment.standardize(view)
+def _simclr_copies(key, image, p: ViewParams):
+  """`num_views` copies: crop (+flip), colour jitter with p=0.8 and random grey (RGB only)."""
+  n_crop, n_jitter = augment.CROP_UNIFORMS, augment.COLOR_JITTER_UNIFORMS
+  u = jax.random.uniform(key, (p.num_views, n_crop + n_jitter + 2))
+  strengths = augment.simclr_jitter_strengths(p.jitter_strength)
+  views = []
+  for v in range(p.num_views):
+    view = _crop(u[v, :n_crop], image, p)
+    if image.shape[-1] == 3:
+      jittered = augment.color_jitter_from_uniforms(u[v, n_crop:n_crop + n_jitter], view,
+                                                    *strengths)
+      view = jnp.where(u[v, -2] < _SIMCLR_JITTER_PROBABILITY, jittered, view)
+      view = jnp.where(u[v, -1] < p.grey_probability, augment.grayscale_rgb(view), view)
+    views.append(augment.standardize(view))
+  return tuple(views)
 
 
 def _train_views_one(key, image_uint8, p: ViewParams):
   """All views of one uint8 (H, W, C) image from its own key."""
   image = image_uint8.astype(jnp.float32) / 255.0
   if p.kind in _LAB_KINDS:
-    return _split_lab(p.kind, _crop(key, image, p))
-  make = _augmented_copy if p.kind == "augmented_copies" else _simclr_copy
-  keys = jax.random.split(key, p.num_views)
-  return tuple(make(keys[v], image, p) for v in range(p.num_views))
+    u = jax.random.uniform(key, (augment.CROP_UNIFORMS,))
+    return _split_lab(p.kind, _crop(u, image, p))
+  if p.kind == "augmented_copies":
+    return _augmented_copies(key, image, p)
+  return _simclr_copies(key, image, p)
 
 
 @functools.partial(jax.jit, static_argnames="params")

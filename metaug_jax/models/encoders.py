@@ -5,7 +5,7 @@ levels and the contrastive embedding (spec 7, A9):
   conv: (B, F_conv) flattened output of the last conv block,
   fc: (B, F_fc) first fc layer after BN + ReLU,
   embedding: (B, embedding_dim) L2-normalised, float32.
-All outputs are float32 whatever the compute dtype; parameters are always float32.
+All outputs are at least float32 whatever the compute dtype; parameters are always float32.
 """
 
 from typing import Any, Optional, Sequence
@@ -14,14 +14,16 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from metaug_jax.models.layers import (ConvBNReLU, batch_norm, conv, dense, l2_normalize,
-                                      maybe_remat)
+                                      maybe_remat, output_dtype)
 
 Dtype = Any
 
 ENCODER_NAMES = ("digits_conv", "alexnet_small", "alexnet_half", "resnet18")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+           "float64": jnp.float64}  # float64: gradient checks in the tests (needs x64)
 
 
 def _scaled(channels: int, width: float) -> int:
@@ -55,9 +57,9 @@ def _head(self_: nn.Module, conv_feat: jax.Array, fc_dims: Sequence[int], train:
     index += 1
   z = dense(self_.embedding_dim, h.shape[-1], dtype=self_.dtype, name=f"{prefix}{index}")(h)
   out = {
-      "conv": conv_feat.astype(jnp.float32),
-      "fc": fc_feat.astype(jnp.float32),
-      "embedding": l2_normalize(z.astype(jnp.float32)),
+      "conv": conv_feat.astype(output_dtype(z.dtype)),
+      "fc": fc_feat.astype(output_dtype(z.dtype)),
+      "embedding": l2_normalize(z.astype(output_dtype(z.dtype))),
   }
   batch = conv_feat.shape[0]
   chex.assert_shape(out["embedding"], (batch, self_.embedding_dim))
@@ -185,7 +187,7 @@ class ResNet18(nn.Module):
       for b in range(2):
         h = block(_scaled(channels, w), strides if b == 0 else 1, axis_name=self.axis_name,
                   dtype=self.dtype, name=f"stage{stage + 1}_block{b + 1}")(h, train)
-    conv_feat = jnp.mean(h.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+    conv_feat = jnp.mean(h.astype(output_dtype(h.dtype)), axis=(1, 2)).astype(self.dtype)
     return _head(self, conv_feat, (_scaled(2048, w),), train, "fc", 1)
 
 
@@ -258,6 +260,13 @@ class MultiViewEncoder(nn.Module):
   num_views: int
   axis_name: Optional[str] = None
   share: bool = False
+
+  def __post_init__(self):
+    # A mutable ConfigDict would make the module unhashable (e.g. as a jit static argument).
+    if (isinstance(self.model_config, ml_collections.ConfigDict)
+        and not isinstance(self.model_config, ml_collections.FrozenConfigDict)):
+      object.__setattr__(self, "model_config", ml_collections.FrozenConfigDict(self.model_config))
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, views: Sequence[jax.Array], train: bool) -> tuple[dict, ...]:

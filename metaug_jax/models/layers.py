@@ -19,6 +19,11 @@ Padding = Union[str, int, Sequence[tuple[int, int]]]
 torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+def output_dtype(compute_dtype) -> jnp.dtype:
+  """Outputs are at least float32 (bfloat16 compute -> float32; float64 stays float64)."""
+  return jnp.promote_types(compute_dtype, jnp.float32)
+
+
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   """Divides x by its L2 norm along `axis`; finite value and gradients (any order) at x = 0.
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from metaug_jax.models.encoders import parse_dtype
-from metaug_jax.models.layers import batch_norm, dense, l2_normalize
+from metaug_jax.models.layers import batch_norm, dense, l2_normalize, output_dtype
 
 Dtype = Any
 
@@ -34,7 +34,8 @@ class MAG(nn.Module):
       h = batch_norm(train, self.axis_name, self.dtype, name=f"bn{i}")(h)
       h = nn.relu(h)
     a = dense(self.out_dim, h.shape[-1], dtype=self.dtype, name="fc3")(h)
-    out = {"hidden": h.astype(jnp.float32), "embedding": l2_normalize(a.astype(jnp.float32))}
+    out = {"hidden": h.astype(output_dtype(h.dtype)),
+           "embedding": l2_normalize(a.astype(output_dtype(a.dtype)))}
     chex.assert_shape(out["hidden"], (z.shape[0], self.hidden))
     chex.assert_shape(out["embedding"], (z.shape[0], self.out_dim))
     return out

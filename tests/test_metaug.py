@@ -1,0 +1,144 @@
+"""MetAug's meta step: the second-order MAG gradient against finite differences (float64),
+the first-order ablation, and banks untouched by augmented features."""
+
+import os
+import sys
+
+import flax.linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metaug_jax import memory_bank, parallel
+from metaug_jax.methods import DataFacts, MetAug
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import digits  # noqa: E402
+
+BATCH = 8
+
+
+def make_method(dtype="float32", **overrides):
+  c = digits.get_config("tiny")
+  c.method = "metaug"
+  c.model.dtype = dtype
+  c.model.width = 0.25
+  c.model.embedding_dim = 8
+  c.model.mag_hidden = 16
+  c.batch_size = BATCH
+  c.bank.num_negatives = 8
+  c.metaug.lambda_aug = 1.0      # large weights and inner step: a clearly visible 2nd order
+  c.metaug.lambda_mi = 1.0
+  c.metaug.inner_lr = 0.5
+  c.update_from_flattened_dict(overrides)
+  facts = DataFacts(view_channels=(1, 1), bank_size=32, steps_per_epoch=1, global_batch=BATCH)
+  return MetAug(c, facts)
+
+
+def init(method, dtype):
+  rng = np.random.default_rng(0)
+  views = tuple(jnp.asarray(rng.normal(size=(BATCH, 16, 16, 1)), dtype) for _ in range(2))
+  state = method.init(jax.random.PRNGKey(0), views)
+  cast = lambda t: jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating)
+                                else a, t)
+  state = state.replace(params=cast(state.params), batch_stats=cast(state.batch_stats),
+                        banks=cast(state.banks))
+  return state, views
+
+
+def meta_functions(method, state, views):
+  """(value(omega_inner, omega_direct), grad of it) on one device, banks and negatives fixed."""
+  index = jnp.arange(BATCH, dtype=jnp.int32)
+
+  def outer(omega_inner, omega_direct, views, index):
+    k_in, k_out = jax.random.split(jax.random.PRNGKey(7))
+    f = method.meta_objective(state, views, method.draw_call_indices(k_in, index),
+                              method.draw_call_indices(k_out, index),
+                              parallel.gather_rows(index))
+    return f(omega_inner, omega_direct)[0]
+
+  pm = lambda fn: jax.pmap(fn, axis_name=parallel.AXIS, in_axes=(None, None, 0, 0),
+                           devices=jax.devices()[:1])
+  mapped = (tuple(v[None] for v in views), index[None])
+  value = pm(outer)
+  grad = pm(jax.grad(outer, argnums=(0, 1)))
+  first = lambda x: jax.tree.map(lambda a: a[0], x)
+  return (lambda a, b: float(value(a, b, *mapped)[0]),
+          lambda a, b: first(grad(a, b, *mapped)))
+
+
+def _dot(a, b):
+  return sum(float(jnp.vdot(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _axpy(alpha, x, y):
+  return jax.tree.map(lambda u, v: v + alpha * u, x, y)
+
+
+@pytest.fixture
+def x64(monkeypatch):
+  """float64, and smooth stand-ins for ReLU / max-pool: finite differences across a kink of
+  a BatchNorm+ReLU network (many pre-activations sit near 0) are noise, not a gradient check."""
+  monkeypatch.setattr(flax.linen, "relu", lambda x: jax.nn.softplus(4.0 * x) / 4.0)
+  monkeypatch.setattr(flax.linen, "max_pool", flax.linen.avg_pool)
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", False)
+
+
+def test_meta_gradient_matches_central_finite_differences(x64):
+  # Detached margin thresholds (the default) make autodiff skip theta'(omega) -> sigma by
+  # design, so the exact-derivative check uses the code's un-detached thresholds.
+  method = make_method("float64", **{"metaug.margin_detach_thresholds": False})
+  state, views = init(method, jnp.float64)
+  value, grad = meta_functions(method, state, views)
+  omega = state.params["mag"]
+  second, direct = grad(omega, omega)
+  rng = np.random.default_rng(1)
+  eps = 1e-5
+  for _ in range(2):
+    v = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), jnp.float64), omega)
+    plus, minus = _axpy(eps, v, omega), _axpy(-eps, v, omega)
+    fd_total = (value(plus, plus) - value(minus, minus)) / (2 * eps)
+    fd_second = (value(plus, omega) - value(minus, omega)) / (2 * eps)
+    analytic_total = _dot(second, v) + _dot(direct, v)
+    np.testing.assert_allclose(analytic_total, fd_total, rtol=2e-5, atol=1e-9)
+    np.testing.assert_allclose(_dot(second, v), fd_second, rtol=2e-5, atol=1e-9)
+    assert abs(fd_second) > 1e-6 * abs(fd_total) + 1e-12   # the second-order path is real
+
+
+def test_first_order_variant_drops_exactly_the_second_order_path(x64):
+  full, fo = make_method("float64"), make_method("float64", **{"metaug.first_order": True})
+  state, views = init(full, jnp.float64)
+  omega = state.params["mag"]
+  second, direct = meta_functions(full, state, views)[1](omega, omega)
+  second_fo, direct_fo = meta_functions(fo, state, views)[1](omega, omega)
+  norm = lambda t: float(jnp.sqrt(_dot(t, t)))
+  assert norm(second_fo) == 0.0
+  assert norm(second) > 1e-6 * norm(direct)
+  np.testing.assert_allclose(jax.tree.leaves(direct_fo)[0], jax.tree.leaves(direct)[0],
+                             rtol=1e-10)
+  total = jax.tree.map(jnp.add, second, direct)
+  assert norm(jax.tree.map(jnp.subtract, total, direct_fo)) > 1e-8
+
+
+@pytest.mark.parametrize("algorithm", ["paper", "legacy"])
+def test_augmented_features_never_change_a_bank(algorithm):
+  method = make_method(**{"metaug.algorithm": algorithm})
+  state, _ = init(method, jnp.float32)
+  images = np.random.default_rng(2).integers(0, 256, size=(1, BATCH, 8, 8, 1), dtype=np.uint8)
+  batch = {"image": images, "index": np.arange(BATCH, dtype=np.int32)[None] + 5}
+  step = parallel.pmap_step(method.train_step, jax.devices()[:1], donate=False)
+  other_mag = jax.tree.map(lambda a: a * 1.7 + 0.01, state.params["mag"])
+  other = state.replace(params={**state.params, "mag": other_mag})
+  new_a, _ = step(state, batch)
+  new_b, _ = step(other, batch)
+  # The MAGs differ, so the augmented features differ; the banks must not.
+  assert not np.allclose(jax.tree.leaves(new_a.params["mag"])[0],
+                         jax.tree.leaves(new_b.params["mag"])[0])
+  np.testing.assert_array_equal(np.asarray(new_a.banks), np.asarray(new_b.banks))
+  changed = np.any(np.asarray(new_a.banks) != np.asarray(state.banks), axis=(0, 2))
+  assert set(np.flatnonzero(changed)) == set(range(5, 5 + BATCH))
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(new_a.banks), axis=-1), 1.0, atol=1e-5)
