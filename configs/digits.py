@@ -29,6 +29,7 @@ def get_config(arg: str = ""):
   c.checkpoint_every_steps = 100
   c.eval.probe_epochs = 100
   c.eval.probe_batch_size = 128
+  c.eval.monitor_every_steps = 55     # 5 epochs
   for part in filter(None, arg.split(",")):
     if part == "cmc":
       c.method = "cmc"
@@ -45,6 +46,9 @@ def get_config(arg: str = ""):
       c.log_every_steps = 2
       c.checkpoint_every_steps = 2
       c.eval.probe_epochs = 5
+      c.eval.monitor_every_steps = 3
+      c.eval.monitor_examples = 64
+      c.eval.tsne_max_points = 100
       c.progress_bar = False
     else:
       raise ValueError(f"unknown digits config argument {part!r}; use cmc, oucl_only, simclr, tiny")

@@ -114,6 +114,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 256        # feature extraction batch
   c.eval.random_init = False     # probe a randomly initialised encoder instead (a baseline)
   c.eval.step = 0                # restore this checkpoint step (0: newest)
+  c.eval.knn_k = 20              # weighted kNN monitor / evaluation (Wu et al. 2018 weighting)
+  c.eval.knn_temperature = 0.07
+  c.eval.monitor_every_steps = 0  # >0: kNN accuracy + score histograms every N steps
+  c.eval.monitor_examples = 512  # test examples the online monitor classifies
+  c.eval.plots = True            # PNG diagnostics in the workdir at the end of training
+  c.eval.tsne_max_points = 1000  # test points in the 2-D embedding plot
   return c
 
 

@@ -11,7 +11,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from metaug_jax import errors
+from metaug_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Optional config; default: the one saved with the checkpoint.",
@@ -22,7 +22,6 @@ _STEP = flags.DEFINE_integer("step", 0, "Checkpoint step to evaluate (0: newest)
 
 def evaluate_workdir(workdir: str, config=None, step: int = 0) -> dict:
   """Restores a checkpoint of `workdir` and returns the linear-probe results."""
-  import ml_collections
   from metaug_jax import checkpoint as ckpt_lib
   from metaug_jax import config_base, train
 
@@ -63,9 +62,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from metaug_jax.main import quiet_library_logs
-  quiet_library_logs()
-  with errors.user_errors_as_messages():
+  cli.quiet_library_logs()
+  with cli.user_errors_as_messages():
     evaluate_workdir(_WORKDIR.value, _CONFIG.value, _STEP.value)
 
 

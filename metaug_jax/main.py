@@ -4,10 +4,10 @@ Kept short on purpose: the logic lives in train.py, importable from tests and no
 Every config field can be overridden, e.g. --config.batch_size=256 --config.method=cmc.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from metaug_jax import errors
+from metaug_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
                                           lock_config=True)
@@ -19,20 +19,14 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 
-def quiet_library_logs():
-  """orbax logs every save at INFO; keep the console for progress unless --verbosity is set."""
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  quiet_library_logs()
+  cli.quiet_library_logs()
   from metaug_jax import parallel, train  # after flag parsing: jax starts up here
   parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
-  with errors.user_errors_as_messages():
+  with cli.user_errors_as_messages():
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -30,6 +30,8 @@ def local_devices(num_devices: int = 0) -> list:
 
 def pmap_step(step_fn: Callable, devices: Sequence, donate: bool = True) -> Callable:
   """Maps step_fn(state, batch) -> (state, metrics) over devices; state in/out replicated."""
+  # Several processes: pmap spans every process's devices, each feeding its local shard.
+  devices = None if jax.process_count() > 1 else devices
   return jax.pmap(step_fn, axis_name=AXIS, in_axes=(None, 0), out_axes=(None, None),
                   donate_argnums=(0,) if donate else (), devices=devices)
 

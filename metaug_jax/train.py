@@ -13,10 +13,9 @@ import signal
 import time
 from typing import Optional
 
+import flax.jax_utils
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 
 from metaug_jax import checkpoint as ckpt_lib
@@ -72,11 +71,19 @@ def build_experiment(config: ml_collections.ConfigDict,
 
 
 class MetricWriter:
-  """Appends one JSON object per logged step to workdir/metrics.jsonl (big_vision style)."""
+  """Appends one JSON object per logged step to workdir/metrics.jsonl (big_vision style),
+  and writes TensorBoard scalars too when tensorboardX is installed."""
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.enabled = enabled
+    self.tensorboard = None
+    if enabled:
+      try:
+        from tensorboardX import SummaryWriter
+        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:
+        pass
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -84,6 +91,14 @@ class MetricWriter:
     record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
+    if self.tensorboard is not None:
+      for k, v in record.items():
+        if k != "step":
+          self.tensorboard.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self.tensorboard is not None:
+      self.tensorboard.close()
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -118,7 +133,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
   step_fn = parallel.pmap_step(exp.method.train_step, exp.devices)
   writer = MetricWriter(workdir, enabled=is_main)
-  batches = loader_lib.prefetch(exp.loader.iterate(start), config.data.prefetch)
+  host_batches = loader_lib.prefetch(exp.loader.iterate(start), config.data.prefetch)
+  batches = host_batches
+  if jax.process_count() == 1:  # copy the next batches to the devices while a step runs
+    batches = flax.jax_utils.prefetch_to_device(host_batches, 2, exp.devices)
   bar = _progress(exp.total_steps, start, config.progress_bar and is_main)
   step, last_saved, tick, tick_step = start, start, time.time(), start
   try:
@@ -148,13 +166,18 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       if config.debug_kill_at_step and step == config.debug_kill_at_step:
         ckpt.wait()  # crash drill for the tests: die hard, right after a checkpoint
         os.kill(os.getpid(), signal.SIGKILL)
+  except NonFiniteLossError:
+    state = None  # never checkpoint a diverged state: the last good one stays the newest
+    raise
   except KeyboardInterrupt:
     print(f"\ninterrupted at step {step}; saving a checkpoint so the run can resume", flush=True)
     raise
   finally:
     if bar is not None:
       bar.close()
-    if step > last_saved and _alive(state):
+    host_batches.close()
+    writer.close()
+    if state is not None and step > last_saved and _alive(state):
       ckpt.save(step, state, config)
     ckpt.close()
   return exp, state

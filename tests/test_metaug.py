@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metaug_jax import memory_bank, parallel
+from metaug_jax import parallel
 from metaug_jax.methods import DataFacts, MetAug
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from metaug_jax import parallel, train
-from metaug_jax.config_base import get_base_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))

@@ -12,3 +12,5 @@ def build(config, facts: DataFacts) -> Method:
   if config.method not in REGISTRY:
     raise ValueError(f"unknown method {config.method!r}; choose one of {sorted(REGISTRY)}")
   return REGISTRY[config.method](config, facts)
+
+__all__ = ["CMC", "DataFacts", "Method", "MetAug", "REGISTRY", "SimCLR", "TrainState", "build"]

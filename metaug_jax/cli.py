@@ -1,16 +1,19 @@
-"""The errors a user can fix, and how the command-line tools report them: one clear message and
-a non-zero exit status, not a traceback."""
+"""What the command-line tools share: user errors reported as one clear message and a non-zero
+exit status (not a traceback), and a console kept for progress rather than library logs."""
 
 import contextlib
 import sys
+
+from absl import flags, logging
 
 from metaug_jax.checkpoint import CheckpointMismatchError
 from metaug_jax.config_check import ConfigError
 from metaug_jax.data.sources import DatasetUnavailableError
 from metaug_jax.evaluation.linear_probe import ProbeNeedsLabelsError
+from metaug_jax.train import NonFiniteLossError
 
 USER_ERRORS = (ConfigError, DatasetUnavailableError, CheckpointMismatchError,
-               ProbeNeedsLabelsError, FileNotFoundError)
+               ProbeNeedsLabelsError, NonFiniteLossError, FileNotFoundError)
 
 
 @contextlib.contextmanager
@@ -22,3 +25,9 @@ def user_errors_as_messages():
     message = str(e.args[0]) if e.args else str(e)
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def quiet_library_logs():
+  """orbax logs every save at INFO; keep the console for progress unless --verbosity is set."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
