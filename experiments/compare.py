@@ -53,8 +53,8 @@ def _literal(text: str):
 
 def _seconds_per_step(workdir: str) -> float:
   """Median seconds per step over the logged windows after the first (which compiles)."""
-  rates = [json.loads(line)["steps_per_sec"] for line in open(os.path.join(workdir,
-                                                                           "metrics.jsonl"))]
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  rates = [r["steps_per_sec"] for r in records if "steps_per_sec" in r]  # not monitor records
   rates = sorted(rates[1:] or rates)
   return 1.0 / rates[len(rates) // 2]
 

@@ -86,6 +86,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.metaug.algorithm = "paper"   # "paper" (spec 5.1) or "legacy" (spec 5.3)
   c.metaug.first_order = False   # stop-gradient through the inner gradient (ablation)
   c.metaug.inner_lr = 1e-3       # alpha of the virtual SGD step
+  c.metaug.virtual_step_from = "updated"  # "updated": theta after the real step (spec 5.1);
+                                          # "current": fused with Phase A (one pass fewer)
   c.metaug.lambda_aug = 1e-5     # weight of the augmented OUCL terms
   c.metaug.lambda_mi = 1e-11     # weight of the margin-injected regulariser
   c.metaug.margin_type = "large"  # large | medium | small

@@ -27,6 +27,8 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
   _choice(e, "model.dtype", config.model.dtype, ("float32", "bfloat16"))
   _choice(e, "bank.schedule", config.bank.schedule, ("clean", "code_exact"))
   _choice(e, "metaug.algorithm", config.metaug.algorithm, ("paper", "legacy"))
+  _choice(e, "metaug.virtual_step_from", config.metaug.virtual_step_from,
+          ("updated", "current"))
   _choice(e, "metaug.margin_type", config.metaug.margin_type, ("large", "medium", "small"))
   _choice(e, "loss.oucl_form", config.loss.oucl_form, (1, 2, 3))
   _choice(e, "loss.oucl_scale", config.loss.oucl_scale, ("code", "paper"))
@@ -61,6 +63,9 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
       and not config.data_dir:
     e.append(f"config.dataset={config.dataset!r} reads local files: pass "
              f"--config.data_dir=PATH.")
+  if config.eval.knn_k < 1 or config.eval.knn_temperature <= 0:
+    e.append(f"config.eval.knn_k={config.eval.knn_k} must be >= 1 and "
+             f"config.eval.knn_temperature={config.eval.knn_temperature} > 0.")
   if config.bank.num_negatives <= 0:
     e.append("config.bank.num_negatives must be positive.")
   if config.checkpoint_every_steps <= 0 or config.keep_checkpoints <= 0:

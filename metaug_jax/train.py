@@ -24,6 +24,8 @@ from metaug_jax.data import loader as loader_lib
 from metaug_jax.data import sources
 from metaug_jax.data import views as views_lib
 from metaug_jax.evaluation import linear_probe
+from metaug_jax.evaluation import monitor as monitor_lib
+from metaug_jax.evaluation import plots
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -132,6 +134,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       f.write(config.to_json_best_effort(indent=2))
 
   step_fn = parallel.pmap_step(exp.method.train_step, exp.devices)
+  monitor = monitor_lib.Monitor.maybe_create(exp, workdir)  # None: disabled or no labels
   writer = MetricWriter(workdir, enabled=is_main)
   host_batches = loader_lib.prefetch(exp.loader.iterate(start), config.data.prefetch)
   batches = host_batches
@@ -140,6 +143,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   bar = _progress(exp.total_steps, start, config.progress_bar and is_main)
   step, last_saved, tick, tick_step = start, start, time.time(), start
   try:
+    if monitor is not None and step == 0:
+      writer.write(0, monitor.run(0, state))     # the initial state's kNN and histograms
+      tick = time.time()
     while step < exp.total_steps:
       state, metrics = step_fn(state, next(batches))
       step += 1
@@ -158,6 +164,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         if bar is not None:
           shown = metrics.get("loss", metrics.get("loss_total", 0.0))
           bar.set_postfix(loss=f"{shown:.4f}", steps_s=f"{metrics['steps_per_sec']:.2f}")
+      if monitor is not None and monitor.due(step, exp.total_steps):
+        started = time.time()
+        writer.write(step, monitor.run(step, state))
+        tick += time.time() - started            # steps_per_sec stays a training speed
       if bar is not None:
         bar.update(1)
       if step % config.checkpoint_every_steps == 0:
@@ -180,6 +190,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     if state is not None and step > last_saved and _alive(state):
       ckpt.save(step, state, config)
     ckpt.close()
+  plots.write_diagnostics(exp, state, workdir)  # PNGs if config.eval.plots; never raises
   return exp, state
 
 

@@ -50,9 +50,12 @@ def assert_trees_close(a, b, atol):
   assert worst <= atol, worst
 
 
-@pytest.mark.parametrize("method", ["simclr", "cmc", "metaug_oucl_only", "metaug"])
-def test_four_devices_match_one_device(method):
-  config = tiny_config(method)
+@pytest.mark.parametrize("method,overrides", [
+    ("simclr", {}), ("cmc", {}), ("metaug_oucl_only", {}), ("metaug", {}),
+    ("metaug", {"metaug.algorithm": "legacy"}),
+    ("metaug", {"metaug.virtual_step_from": "current", "bank.schedule": "code_exact"})])
+def test_four_devices_match_one_device(method, overrides):
+  config = tiny_config(method, **overrides)
   one, m1 = run_steps(config, 1, 3)
   four, m4 = run_steps(config, 4, 3)
   assert_trees_close(one.params, four.params, atol=2e-5)
@@ -158,3 +161,14 @@ def test_cli_end_to_end_trains_checkpoints_and_evaluates(tmp_path):
                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert ev.returncode == 0, ev.stderr[-3000:]
   assert "| conv |" in ev.stdout and os.path.exists(workdir / "eval_step_6.json")
+
+
+def test_fused_meta_step_shares_phase_a_exactly():
+  """virtual_step_from=current reuses Phase A's gradient: same encoder update, other MAG one."""
+  paper, _ = run_steps(tiny_config("metaug"), 1, 1)
+  fused, _ = run_steps(tiny_config("metaug", **{"metaug.virtual_step_from": "current"}), 1, 1)
+  assert_trees_close(paper.params["encoder"], fused.params["encoder"], atol=1e-6)
+  assert_trees_close(paper.banks, fused.banks, atol=1e-6)
+  diff = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), paper.params["mag"],
+                      fused.params["mag"])
+  assert max(jax.tree.leaves(diff)) > 1e-7

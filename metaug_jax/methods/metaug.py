@@ -166,17 +166,24 @@ class MetAug(base.Method):
     mag_params = state.params.get("mag")
 
     # Phase A: encoders, MAGs frozen (spec 5.1). Running BN statistics are committed here.
-    def loss_a(enc_params):
+    def loss_a(enc_params, omega):
       outs, enc_stats = common.apply_encoder(self.encoder, enc_params,
                                              state.batch_stats["encoder"], views)
       z = common.embeddings(outs)
-      a, mag_stats = self._augment(mag_params, state.batch_stats.get("mag"), z, True)
+      a, mag_stats = self._augment(omega, state.batch_stats.get("mag"), z, True)
       loss, (banks, metrics) = self.objective(z, a, state.banks, draw("phase_a"), global_index)
       return loss, (enc_stats, mag_stats, z, banks, metrics)
 
-    (_, (enc_stats, mag_stats, z, banks, metrics)), enc_grads = jax.value_and_grad(
-        loss_a, has_aux=True)(state.params["encoder"])
-    enc_grads = parallel.pmean(enc_grads)
+    fused = (self.use_mag and cfg.metaug.algorithm == "paper"
+             and cfg.metaug.virtual_step_from == "current")
+    if fused:
+      enc_grads, (enc_stats, mag_stats, z, banks, metrics), mag_grads, meta_metrics, banks = (
+          self._fused_grads(state, views, loss_a, draw, global_index))
+      metrics.update(meta_metrics)
+    else:
+      (_, (enc_stats, mag_stats, z, banks, metrics)), enc_grads = jax.value_and_grad(
+          loss_a, has_aux=True)(state.params["encoder"], mag_params)
+      enc_grads = parallel.pmean(enc_grads)
     enc_params, enc_opt, update_norm = self._apply_encoder_update(state, enc_grads)
     metrics.update(grad_norm=common.global_norm(enc_grads), update_norm=update_norm)
     new_params = {"encoder": enc_params}
@@ -185,7 +192,9 @@ class MetAug(base.Method):
     state_a = state.replace(params={**state.params, **new_params}, banks=banks)
 
     if self.use_mag:
-      if cfg.metaug.algorithm == "paper":
+      if fused:
+        pass  # MAG gradients came with the encoder gradients
+      elif cfg.metaug.algorithm == "paper":
         mag_grads, meta_metrics, banks = self._paper_meta_grads(state_a, views, draw,
                                                                 global_index)
         metrics.update(meta_metrics)
@@ -242,6 +251,32 @@ class MetAug(base.Method):
       return loss, (banks, metrics)
 
     return outer
+
+  def _fused_grads(self, state, views, loss_a, draw, global_index):
+    """Phase A and the meta-gradient in one differentiation (metaug.virtual_step_from=current).
+
+    The virtual step starts from the current theta instead of the updated one, so the inner
+    gradient *is* Phase A's gradient: L_total(theta - alpha grad_theta L_total(theta, w), w'),
+    the MAML form, costs one encoder forward/backward less than the paper-aligned order.
+    """
+    mc = self.config.metaug
+    theta = state.params["encoder"]
+    omega = state.params["mag"]
+    outer_idx = draw("outer")
+
+    def outer(omega_inner, omega_direct):
+      (_, aux_a), g = jax.value_and_grad(loss_a, has_aux=True)(theta, omega_inner)
+      g = parallel.pmean(g)
+      g_virtual = jax.lax.stop_gradient(g) if mc.first_order else g
+      theta_virtual = _tree_axpy(-mc.inner_lr, g_virtual, theta)
+      z, a = self._virtual_forward(theta_virtual, omega_direct, state, views)
+      loss, (banks, metrics) = self.objective(z, a, aux_a[3], outer_idx, global_index)
+      return loss, jax.lax.stop_gradient((g, aux_a, banks, metrics))
+
+    (second, direct), (enc_grads, aux_a, banks, outer_metrics) = jax.grad(
+        outer, argnums=(0, 1), has_aux=True)(omega, omega)
+    mag_grads, meta_metrics = self._combine(direct, second, outer_metrics)
+    return enc_grads, aux_a, mag_grads, meta_metrics, banks
 
   def _paper_meta_grads(self, state, views, draw, global_index):
     """The MAG gradient through the virtual encoder step (spec 5.1, Algorithm 1)."""
