@@ -17,6 +17,7 @@ comparison continues where it stopped.
 import itertools
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -120,7 +121,7 @@ def main(argv):
   seeds = ",".join(_SEEDS.value)
   print(f"\nlinear-probe top-1 test accuracy (%), final probe epoch; seeds {seeds}\n{table}")
   if _OUT.value:
-    command = "python " + " ".join(sys.argv)
+    command = "python " + shlex.join(sys.argv)
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
     with open(_OUT.value, "w") as f:
       f.write(f"# {os.path.basename(base.dataset)}: {', '.join(_METHODS.value)}\n\n"
