@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 AXIS = "batch"
@@ -30,10 +31,24 @@ def local_devices(num_devices: int = 0) -> list:
 
 def pmap_step(step_fn: Callable, devices: Sequence, donate: bool = True) -> Callable:
   """Maps step_fn(state, batch) -> (state, metrics) over devices; state in/out replicated."""
+  if jax.process_count() == 1:
+    return jax.pmap(step_fn, axis_name=AXIS, in_axes=(None, 0), out_axes=(None, None),
+                    donate_argnums=(0,) if donate else (), devices=devices)
   # Several processes: pmap spans every process's devices, each feeding its local shard.
-  devices = None if jax.process_count() > 1 else devices
-  return jax.pmap(step_fn, axis_name=AXIS, in_axes=(None, 0), out_axes=(None, None),
-                  donate_argnums=(0,) if donate else (), devices=devices)
+  mapped = jax.pmap(step_fn, axis_name=AXIS, in_axes=(None, 0), out_axes=(None, None),
+                    donate_argnums=(0,) if donate else ())
+  replicated = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.asarray(jax.local_devices()), (AXIS,)), jax.sharding.PartitionSpec())
+
+  def step(state, batch):
+    # jax 0.10.2 multi-process pmap reshards a donated in_axes=None argument that is not
+    # already replicated over the local devices, then deletes the original while the copy
+    # still shares its buffers ("Array has been deleted with shape=int32[]"). A state that
+    # already has this sharding takes pmap's no-copy path; device_put is a no-op for it.
+    return mapped(jax.device_put(state, replicated), batch)
+
+  step.lower = lambda state, batch: mapped.lower(jax.device_put(state, replicated), batch)
+  return step
 
 
 def device_offset(local_batch: int) -> jax.Array:
@@ -75,6 +90,11 @@ def maybe_initialize_distributed(coordinator: Optional[str] = None,
     num_processes = int(os.environ["METAUG_NUM_PROCESSES"])
   if process_id is None and os.environ.get("METAUG_PROCESS_ID"):
     process_id = int(os.environ["METAUG_PROCESS_ID"])
+  if (coordinator or os.environ.get("METAUG_DISTRIBUTED") == "auto") \
+      and not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+    # Cross-process collectives on CPU hosts (the default of jax 0.10.2, not of every
+    # version); it must be set before the backend starts. GPU/TPU backends ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if os.environ.get("METAUG_DISTRIBUTED") == "auto":
     jax.distributed.initialize()
   elif coordinator:
