@@ -30,21 +30,22 @@ def local_devices(num_devices: int = 0) -> list:
 
 
 def pmap_step(step_fn: Callable, devices: Sequence, donate: bool = True) -> Callable:
-  """Maps step_fn(state, batch) -> (state, metrics) over devices; state in/out replicated."""
-  if jax.process_count() == 1:
-    return jax.pmap(step_fn, axis_name=AXIS, in_axes=(None, 0), out_axes=(None, None),
-                    donate_argnums=(0,) if donate else (), devices=devices)
-  # Several processes: pmap spans every process's devices, each feeding its local shard.
+  """Maps step_fn(state, batch) -> (state, metrics) over devices; state in/out replicated.
+
+  The state is placed replicated over the local devices before each call, which is a no-op
+  for every state the step itself returned. So the first call sees the same input sharding as
+  the later ones and the step is traced once; and jax 0.10.2's multi-process pmap, which would
+  otherwise copy a donated un-replicated argument and delete the original while the copy still
+  shares its buffers ("Array has been deleted"), takes its no-copy path.
+  """
+  several = jax.process_count() > 1  # then pmap spans every process's devices
   mapped = jax.pmap(step_fn, axis_name=AXIS, in_axes=(None, 0), out_axes=(None, None),
-                    donate_argnums=(0,) if donate else ())
-  replicated = jax.sharding.NamedSharding(
-      jax.sharding.Mesh(np.asarray(jax.local_devices()), (AXIS,)), jax.sharding.PartitionSpec())
+                    donate_argnums=(0,) if donate else (), devices=None if several else devices)
+  local = jax.local_devices() if several else list(devices)
+  replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(local), (AXIS,)),
+                                          jax.sharding.PartitionSpec())
 
   def step(state, batch):
-    # jax 0.10.2 multi-process pmap reshards a donated in_axes=None argument that is not
-    # already replicated over the local devices, then deletes the original while the copy
-    # still shares its buffers ("Array has been deleted with shape=int32[]"). A state that
-    # already has this sharding takes pmap's no-copy path; device_put is a no-op for it.
     return mapped(jax.device_put(state, replicated), batch)
 
   step.lower = lambda state, batch: mapped.lower(jax.device_put(state, replicated), batch)
