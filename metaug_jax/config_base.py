@@ -113,6 +113,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.probe_lr = 0.1
   c.eval.probe_batch_size = 256
   c.eval.probe_weight_decay = 1e-4
+  c.eval.probe_augment = False   # paper protocol: fresh crop/flip views of the train set per epoch
   c.eval.batch_size = 256        # feature extraction batch
   c.eval.random_init = False     # probe a randomly initialised encoder instead (a baseline)
   c.eval.step = 0                # restore this checkpoint step (0: newest)
@@ -155,6 +156,7 @@ def paper_config(dataset: str, arg: str = ""):
   c.eval.probe_lr = 0.1
   c.eval.probe_batch_size = 256
   c.eval.probe_weight_decay = 0.0
+  c.eval.probe_augment = True         # spec 7: RandomResizedCrop + flip while probing
   for part in filter(None, arg.split(",")):
     if part == "small":
       c.data.input_size = 32 if dataset in ("cifar10", "cifar100") else 64

@@ -25,12 +25,20 @@ class ProbeNeedsLabelsError(ValueError):
 
 
 def extract_features(method, params, batch_stats, images: np.ndarray, data_config,
-                     batch_size: int = 256) -> dict:
-  """{level: (N, F) float32 numpy} for every level the method exposes."""
+                     batch_size: int = 256, augment_key: Optional[jax.Array] = None) -> dict:
+  """{level: (N, F) float32 numpy} for every level the method exposes.
+
+  With `augment_key`, the images go through the training views (random crop, flip, ...) with
+  per-batch keys folded from it, as the paper's probe does for its training set; else through
+  the deterministic eval views.
+  """
 
   @jax.jit
-  def features(p, s, batch):  # parameters as arguments, not baked-in constants
-    views = views_lib.make_eval_views(batch, data_config)
+  def features(p, s, batch, key):  # parameters as arguments, not baked-in constants
+    if augment_key is None:
+      views = views_lib.make_eval_views(batch, data_config)
+    else:
+      views = views_lib.make_train_views(key, batch, data_config)
     out = method.features(p, s, views)
     return {k: v.astype(jnp.float32) for k, v in out.items() if k in LEVELS}
 
@@ -41,45 +49,69 @@ def extract_features(method, params, batch_stats, images: np.ndarray, data_confi
     pad = batch_size - batch.shape[0]
     if pad:  # keep one compiled shape
       batch = np.concatenate([batch, np.repeat(batch[-1:], pad, axis=0)])
-    out = jax.device_get(features(params, batch_stats, batch))
+    key = jax.random.fold_in(augment_key if augment_key is not None
+                             else jax.random.PRNGKey(0), start)
+    out = jax.device_get(features(params, batch_stats, batch, key))
     chunks.append({k: v[:batch_size - pad] for k, v in out.items()})
   return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "epochs", "batch_size"))
-def _fit(x, y, x_test, y_test, key, *, num_classes, epochs, batch_size, lr, weight_decay):
-  """Multinomial logistic regression by minibatch SGD; returns per-epoch test accuracies."""
-  n, dim = x.shape
-  steps = n // batch_size
-  boundaries = {int(epochs * f) * steps: 0.2 for f in (1 / 2, 2 / 3, 5 / 6)}
-  tx = optax.chain(optax.add_decayed_weights(weight_decay),
-                   optax.sgd(optax.piecewise_constant_schedule(lr, boundaries), momentum=0.9))
-  params = {"w": 0.01 * jax.random.normal(key, (dim, num_classes)),
-            "b": jnp.zeros((num_classes,))}
+def _optimizer(lr: float, weight_decay: float, epochs: int, steps_per_epoch: int):
+  """SGD + momentum 0.9, lr x0.2 at 1/2, 2/3 and 5/6 of the epochs (paper: 30/40/50 of 60)."""
+  boundaries = {int(epochs * f) * steps_per_epoch: 0.2 for f in (1 / 2, 2 / 3, 5 / 6)}
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(optax.piecewise_constant_schedule(lr, boundaries), momentum=0.9))
+
+
+def _init(key, dim: int, num_classes: int) -> dict:
+  """Weights N(0, 0.01^2), zero bias (spec A12)."""
+  return {"w": 0.01 * jax.random.normal(key, (dim, num_classes)), "b": jnp.zeros((num_classes,))}
+
+
+def _accuracy(p, xs, ys):
+  return jnp.mean(jnp.argmax(xs @ p["w"] + p["b"], -1) == ys)
+
+
+def _sgd_epoch(tx, params, opt, x, y, key, batch_size: int):
+  """One shuffled pass of minibatch SGD on softmax cross-entropy."""
+  steps = x.shape[0] // batch_size
+  perm = jax.random.permutation(key, x.shape[0])[:steps * batch_size].reshape(steps,
+                                                                              batch_size)
 
   def loss_fn(p, xb, yb):
-    logits = xb @ p["w"] + p["b"]
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, yb))
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(xb @ p["w"] + p["b"], yb))
 
-  def accuracy(p, xs, ys):
-    return jnp.mean(jnp.argmax(xs @ p["w"] + p["b"], -1) == ys)
+  def step(carry, idx):
+    p, o = carry
+    updates, o = tx.update(jax.grad(loss_fn)(p, x[idx], y[idx]), o, p)
+    return (optax.apply_updates(p, updates), o), None
+
+  (params, opt), _ = jax.lax.scan(step, (params, opt), perm)
+  return params, opt
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "epochs", "batch_size"))
+def _fit(x, y, x_test, y_test, key, *, num_classes, epochs, batch_size, lr, weight_decay):
+  """Multinomial logistic regression on fixed features; per-epoch train/test accuracies."""
+  tx = _optimizer(lr, weight_decay, epochs, x.shape[0] // batch_size)
+  params = _init(key, x.shape[1], num_classes)
 
   def epoch(carry, ekey):
-    p, opt = carry
-    perm = jax.random.permutation(ekey, n)[:steps * batch_size].reshape(steps, batch_size)
-
-    def step(c, idx):
-      p, opt = c
-      g = jax.grad(loss_fn)(p, x[idx], y[idx])
-      upd, opt = tx.update(g, opt, p)
-      return (optax.apply_updates(p, upd), opt), None
-
-    (p, opt), _ = jax.lax.scan(step, (p, opt), perm)
-    return (p, opt), (accuracy(p, x, y), accuracy(p, x_test, y_test))
+    p, o = _sgd_epoch(tx, *carry, x, y, ekey, batch_size)
+    return (p, o), (_accuracy(p, x, y), _accuracy(p, x_test, y_test))
 
   (params, _), (train_acc, test_acc) = jax.lax.scan(
       epoch, (params, tx.init(params)), jax.random.split(key, epochs))
   return train_acc, test_acc
+
+
+@functools.partial(jax.jit, static_argnames=("epochs", "batch_size", "lr", "weight_decay"))
+def _augmented_epoch(params, opt, x, y, x_test, y_test, key, *, epochs, batch_size, lr,
+                     weight_decay):
+  """One epoch on this epoch's augmented features; returns state and train/test accuracy."""
+  tx = _optimizer(lr, weight_decay, epochs, x.shape[0] // batch_size)
+  params, opt = _sgd_epoch(tx, params, opt, x, y, key, batch_size)
+  return params, opt, _accuracy(params, x, y), _accuracy(params, x_test, y_test)
 
 
 def probe(train_x, train_y, test_x, test_y, num_classes: int, *, epochs: int = 100,
@@ -106,6 +138,9 @@ def evaluate(method, params, batch_stats, dataset, config, seed: Optional[int] =
         f"probe cannot run. Give the data class sub-folders (folder) or a 'y' array (npz), "
         f"or pass --config.eval.probe_after_training=False to only pre-train.")
   ec = config.eval
+  if ec.get("probe_augment", False):
+    return probe_augmented(method, params, batch_stats, dataset, config,
+                           config.seed if seed is None else seed)
   train = extract_features(method, params, batch_stats, dataset.train_images, config.data,
                            ec.batch_size)
   test = extract_features(method, params, batch_stats, dataset.test_images, config.data,
@@ -117,6 +152,42 @@ def evaluate(method, params, batch_stats, dataset, config, seed: Optional[int] =
                            batch_size=ec.probe_batch_size, weight_decay=ec.probe_weight_decay,
                            seed=config.seed if seed is None else seed)
   return results
+
+
+def probe_augmented(method, params, batch_stats, dataset, config, seed: int) -> dict:
+  """The paper's protocol (spec 7): every epoch the probe sees freshly augmented training
+  views (random resized crop, flip) through the frozen encoder; test images are not augmented.
+  Standardisation statistics come from the un-augmented training features."""
+  ec = config.eval
+  key = jax.random.PRNGKey(seed)
+  extract = functools.partial(extract_features, method, params, batch_stats,
+                              data_config=config.data, batch_size=ec.batch_size)
+  clean = extract(dataset.train_images)
+  test = extract(dataset.test_images)
+  n = dataset.train_images.shape[0]
+  batch_size = int(min(ec.probe_batch_size, n))
+  moments = {k: (v.mean(0), v.std(0) + 1e-6) for k, v in clean.items()}
+  standardise = lambda k, a: ((a - moments[k][0]) / moments[k][1]).astype(np.float32)
+  test = {k: standardise(k, v) for k, v in test.items()}
+  y, y_test = dataset.train_labels.astype(np.int32), dataset.test_labels.astype(np.int32)
+  tx = _optimizer(ec.probe_lr, ec.probe_weight_decay, ec.probe_epochs, n // batch_size)
+  state = {}
+  for i, (k, v) in enumerate(clean.items()):
+    p = _init(jax.random.fold_in(key, i), v.shape[1], dataset.num_classes)
+    state[k] = (p, tx.init(p))
+  history = {k: [] for k in clean}
+  for epoch in range(ec.probe_epochs):
+    feats = extract(dataset.train_images, augment_key=jax.random.fold_in(key, 1000 + epoch))
+    for k in clean:
+      p, o, train_acc, test_acc = _augmented_epoch(
+          *state[k], standardise(k, feats[k]), y, test[k], y_test,
+          jax.random.fold_in(key, 2000 + epoch), epochs=ec.probe_epochs, batch_size=batch_size,
+          lr=ec.probe_lr, weight_decay=ec.probe_weight_decay)
+      state[k] = (p, o)
+      history[k].append((float(train_acc) * 100, float(test_acc) * 100))
+  return {k: {"test_acc": h[-1][1], "best_test_acc": max(t for _, t in h),
+              "train_acc": h[-1][0], "dim": int(clean[k].shape[1]), "augmented": True}
+          for k, h in history.items()}
 
 
 def format_table(results: dict, title: str = "linear probe") -> str:
