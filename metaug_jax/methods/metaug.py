@@ -156,6 +156,22 @@ class MetAug(base.Method):
     a, _ = self._augment(mag_params, state.batch_stats.get("mag"), z, update_stats=False)
     return z, a
 
+  def _loss_at(self, enc_params, mag_params, state, views, banks, indices, global_index):
+    """L_total at given (possibly virtual) parameters: BN on batch statistics, none kept."""
+    z, a = self._virtual_forward(enc_params, mag_params, state, views)
+    return self.objective(z, a, banks, indices, global_index)
+
+  def _inner_gradient(self, inner_loss, params):
+    """pmean'd grad of an inner loss, kept differentiable unless metaug.first_order.
+
+    `inner_loss(params) -> (loss, (banks, metrics))`; returns (gradient, banks after it).
+    """
+    g, (banks, _) = jax.grad(inner_loss, has_aux=True)(params)
+    g = parallel.pmean(g)
+    if self.config.metaug.first_order:
+      g = jax.lax.stop_gradient(g)
+    return g, banks
+
   # ---- the step ------------------------------------------------------------------------------
   def train_step(self, state, batch):
     cfg = self.config
@@ -236,19 +252,12 @@ class MetAug(base.Method):
     theta = state.params["encoder"]
 
     def outer(omega_inner, omega_direct):
-      def inner_loss(t):
-        z, a = self._virtual_forward(t, omega_inner, state, views)
-        loss, (banks, _) = self.objective(z, a, state.banks, inner_idx, global_index)
-        return loss, banks
-
-      g, banks = jax.grad(inner_loss, has_aux=True)(theta)
-      g = parallel.pmean(g)
-      if mc.first_order:
-        g = jax.lax.stop_gradient(g)
+      g, banks = self._inner_gradient(
+          lambda t: self._loss_at(t, omega_inner, state, views, state.banks, inner_idx,
+                                  global_index), theta)
       theta_virtual = _tree_axpy(-mc.inner_lr, g, theta)
-      z, a = self._virtual_forward(theta_virtual, omega_direct, state, views)
-      loss, (banks, metrics) = self.objective(z, a, banks, outer_idx, global_index)
-      return loss, (banks, metrics)
+      return self._loss_at(theta_virtual, omega_direct, state, views, banks, outer_idx,
+                           global_index)
 
     return outer
 
@@ -306,19 +315,11 @@ class MetAug(base.Method):
     inner_idx, outer_idx = draw("inner"), draw("outer")
 
     def outer(omega_first, omega_second):
-      def inner_loss(w):
-        z, a = self._virtual_forward(theta, w, state, views)
-        loss, (banks, _) = self.objective(z, a, state.banks, inner_idx, global_index)
-        return loss, banks
-
-      g, banks = jax.grad(inner_loss, has_aux=True)(omega_second)
-      g = parallel.pmean(g)
-      if mc.first_order:
-        g = jax.lax.stop_gradient(g)
+      g, banks = self._inner_gradient(
+          lambda w: self._loss_at(theta, w, state, views, state.banks, inner_idx, global_index),
+          omega_second)
       omega_virtual = _tree_axpy(-mc.inner_lr, g, omega_first)   # omega - alpha g at (w, w)
-      z, a = self._virtual_forward(theta, omega_virtual, state, views)
-      loss, (banks, metrics) = self.objective(z, a, banks, outer_idx, global_index)
-      return loss, (banks, metrics)
+      return self._loss_at(theta, omega_virtual, state, views, banks, outer_idx, global_index)
 
     (direct, second), (banks, outer_metrics) = jax.grad(outer, argnums=(0, 1), has_aux=True)(
         omega, omega)
@@ -332,20 +333,13 @@ class MetAug(base.Method):
     inner_idx, outer_idx = draw("inner2"), draw("outer2")
 
     def outer(theta):
-      def inner_loss(t):
-        z, a = self._virtual_forward(t, omega, state, views)
-        loss, (banks, _) = self.objective(z, a, state.banks, inner_idx, global_index)
-        return loss, banks
+      g, banks = self._inner_gradient(
+          lambda t: self._loss_at(t, omega, state, views, state.banks, inner_idx, global_index),
+          theta)
+      return self._loss_at(_tree_axpy(-mc.inner_lr, g, theta), omega, state, views, banks,
+                           outer_idx, global_index)
 
-      g, banks = jax.grad(inner_loss, has_aux=True)(theta)
-      g = parallel.pmean(g)
-      if mc.first_order:
-        g = jax.lax.stop_gradient(g)
-      z, a = self._virtual_forward(_tree_axpy(-mc.inner_lr, g, theta), omega, state, views)
-      loss, (banks, _) = self.objective(z, a, banks, outer_idx, global_index)
-      return loss, banks
-
-    grads, banks = jax.grad(outer, has_aux=True)(state.params["encoder"])
+    grads, (banks, _) = jax.grad(outer, has_aux=True)(state.params["encoder"])
     grads = parallel.pmean(grads)
     return grads, banks, {"lookahead_grad_norm": optax.global_norm(grads)}
 
