@@ -77,4 +77,4 @@ class Method:
     updates, opt = self.encoder_tx.update(grads, state.opt_state["encoder"],
                                           state.params["encoder"])
     params = optax.apply_updates(state.params["encoder"], updates)
-    return params, opt, optax.global_norm(updates)
+    return params, opt, common.global_norm(updates)

@@ -76,7 +76,8 @@ def embeddings(outputs) -> list:
 
 
 def global_norm(tree: Any) -> jax.Array:
-  return optax.global_norm(tree)
+  """L2 norm over all leaves of a pytree (gradients, updates)."""
+  return optax.tree.norm(tree)
 
 
 def score_stats(pos: jax.Array, neg: jax.Array, prefix: str = "") -> dict:

@@ -300,9 +300,9 @@ class MetAug(base.Method):
     """pmean the two parts of the MAG gradient, sum them, and log their norms."""
     direct, second = parallel.pmean((direct, second))
     grads = jax.tree.map(jnp.add, direct, second)
-    metrics = {"mag_grad_direct_norm": optax.global_norm(direct),
-               "mag_grad_second_order_norm": optax.global_norm(second),
-               "mag_grad_norm": optax.global_norm(grads),
+    metrics = {"mag_grad_direct_norm": common.global_norm(direct),
+               "mag_grad_second_order_norm": common.global_norm(second),
+               "mag_grad_norm": common.global_norm(grads),
                "meta_loss": outer_metrics["loss_total"]}
     return grads, metrics
 
@@ -341,7 +341,7 @@ class MetAug(base.Method):
 
     grads, (banks, _) = jax.grad(outer, has_aux=True)(state.params["encoder"])
     grads = parallel.pmean(grads)
-    return grads, banks, {"lookahead_grad_norm": optax.global_norm(grads)}
+    return grads, banks, {"lookahead_grad_norm": common.global_norm(grads)}
 
   def features(self, state_params, state_stats, views):
     """Encoder features, plus the MAGs' fc2 activations on the embeddings (spec A9 b)."""
