@@ -658,15 +658,6 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def _literal(text: str):
-  for cast in (int, float):
-    try:
-      return cast(text)
-    except ValueError:
-      pass
-  return {"True": True, "False": False}.get(text, text)
-
-
 def main(argv=None) -> None:
   args = parse_args(argv)
   if args.worker:
@@ -680,7 +671,8 @@ def main(argv=None) -> None:
   for part in filter(None, args.batches.split(";")):
     name, values = part.split("=")
     batches[name.strip()] = tuple(int(v) for v in values.split("/"))
-  overrides = tuple((k.strip(), _literal(v.strip()))
+  from metaug_jax.config_base import parse_literal  # pylint: disable=g-import-not-at-top
+  overrides = tuple((k.strip(), parse_literal(v.strip()))
                     for k, v in (o.split("=", 1) for o in args.override))
   accel = meta["platform"]["count"] if meta["platform"]["platform"] != "cpu" else 0
   todo = plan(set(args.only.split(",")), [e for e in args.encoders.split(",") if e], batches,

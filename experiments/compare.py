@@ -58,22 +58,14 @@ def _paper_rows(dataset: str, methods: list) -> str:
 
 def _parse_grid(text: str) -> list:
   """'a=1,2;b=x' -> [{'a': 1, 'b': 'x'}, {'a': 2, 'b': 'x'}] with literal values."""
+  from metaug_jax.config_base import parse_literal  # after the __main__ sys.path set-up
   if not text:
     return [{}]
   axes = []
   for part in filter(None, text.split(";")):
     name, values = part.split("=", 1)
-    axes.append([(name.strip(), _literal(v)) for v in values.split(",")])
+    axes.append([(name.strip(), parse_literal(v)) for v in values.split(",")])
   return [dict(combo) for combo in itertools.product(*axes)]
-
-
-def _literal(text: str):
-  for cast in (int, float):
-    try:
-      return cast(text)
-    except ValueError:
-      pass
-  return {"True": True, "False": False}.get(text, text)
 
 
 def _seconds_per_step(workdir: str) -> float:

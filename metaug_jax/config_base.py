@@ -14,6 +14,16 @@ VIEW_KINDS = ("lab", "lab2", "augmented_copies", "simclr")
 ENCODERS = ("digits_conv", "alexnet_small", "alexnet_half", "resnet18")
 
 
+def parse_literal(text: str):
+  """'3' -> 3, '1e-3' -> 0.001, 'True' -> True, else the string: values of field=value overrides."""
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return {"True": True, "False": False}.get(text, text)
+
+
 def get_base_config() -> ml_collections.ConfigDict:
   """Defaults shared by all setups (the quick-start digits values where a choice is needed)."""
   c = ml_collections.ConfigDict()

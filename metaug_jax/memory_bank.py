@@ -70,9 +70,13 @@ def score_call(queries: Sequence[jax.Array], banks: jax.Array,
   Returns:
     (B, V(V-1), K+1) scores in [0, 1], directions ordered as `directions(V)`.
   """
+  return scores_from_rows(queries, gather(banks, indices))
+
+
+def scores_from_rows(queries: Sequence[jax.Array], rows: jax.Array) -> jax.Array:
+  """`score_call` on rows already gathered with `gather` (V, B, K+1, D)."""
   num_views = len(queries)
   chex.assert_equal_shape(queries)
-  rows = gather(banks, indices)
   out = []
   for x, y in directions(num_views):
     cos = jnp.einsum("bd,bkd->bk", queries[x], rows[y])

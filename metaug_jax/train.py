@@ -42,15 +42,17 @@ class Experiment:
   loader: loader_lib.EpochLoader
   total_steps: int
 
+  def _sample_views(self):
+    """Two eval views of real images: they only fix the parameter shapes."""
+    return views_lib.make_eval_views(self.dataset.pretrain_images[:2], self.config.data)
+
   def init_state(self, seed: Optional[int] = None):
-    """A fresh state (jitted init; shapes from two eval views of real images)."""
-    sample = views_lib.make_eval_views(self.dataset.pretrain_images[:2], self.config.data)
+    """A fresh state (jitted init)."""
     key = jax.random.PRNGKey(self.config.seed if seed is None else seed)
-    return jax.jit(self.method.init)(key, sample)
+    return jax.jit(self.method.init)(key, self._sample_views())
 
   def abstract_state(self):
-    sample = views_lib.make_eval_views(self.dataset.pretrain_images[:2], self.config.data)
-    return jax.eval_shape(self.method.init, jax.random.PRNGKey(0), sample)
+    return jax.eval_shape(self.method.init, jax.random.PRNGKey(0), self._sample_views())
 
 
 def build_experiment(config: ml_collections.ConfigDict,

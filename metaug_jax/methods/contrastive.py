@@ -67,7 +67,7 @@ class CMC(base.Method):
     params, opt, update_norm = self._apply_encoder_update(state, grads)
     banks = memory_bank.update(state.banks, parallel.gather_rows(batch["index"]),
                                [parallel.gather_rows(f) for f in z], cfg.bank.momentum)
-    pos, neg = memory_bank.split_scores(memory_bank.score_call(z, state.banks, indices))
+    pos, neg = memory_bank.split_scores(memory_bank.scores_from_rows(z, rows))
     new_state = state.replace(step=state.step + 1, params={"encoder": params},
                               batch_stats={"encoder": stats}, opt_state={"encoder": opt},
                               banks=banks)
