@@ -61,7 +61,15 @@ ENCODERS = ("digits_conv", "alexnet_small", "resnet18", "alexnet_half")
 DEFAULT_BATCHES = {"digits_conv": (64, 128, 256), "alexnet_small": (32, 64),
                    "resnet18": (32,), "alexnet_half": (64,)}
 PLAIN_METHODS = {"digits_conv": ("simclr", "cmc")}  # others: ("cmc",)
-STEP_METHODS = ("metaug_oucl_only", "metaug")
+# Named steps that are a method plus config overrides. "metaug" itself is the default,
+# paper-ordered step (spec 5.1) with the forward-over-reverse meta-gradient.
+STEP_VARIANTS = {
+    # The virtual step starts from the current theta, so Phase A's gradient is the inner one.
+    "metaug_fused": ("metaug", (("metaug.virtual_step_from", "current"),)),
+    # The meta-gradient as jax.grad of jax.grad (double backward), the earlier default.
+    "metaug_double_backward": ("metaug", (("metaug.meta_gradient", "reverse"),)),
+}
+STEP_METHODS = ("metaug_oucl_only", "metaug", "metaug_fused", "metaug_double_backward")
 ANCHOR = {"encoder": "alexnet_half", "batch": 64, "negatives": 1024, "bank_rows": 5000}
 
 
@@ -110,12 +118,13 @@ def make_config(setting: Setting):
     c.model.encoder = setting.encoder
   else:
     raise ValueError(f"unknown encoder {setting.encoder!r}; choose from {ENCODERS}")
-  c.method = setting.method
+  c.method, variant_overrides = STEP_VARIANTS.get(setting.method, (setting.method, ()))
   c.batch_size = setting.batch
   c.num_devices = setting.num_devices
   c.metaug.algorithm = "paper"
   c.num_train_steps = 10 ** 6
   c.progress_bar = False
+  c.update_from_flattened_dict(dict(variant_overrides))
   c.update_from_flattened_dict(dict(setting.overrides))
   return c
 
@@ -262,10 +271,10 @@ def metaug_parts(method, config):
   views   the augmented views alone;
   phase_a Phase A: grad over the encoders of L_total with the MAGs frozen (spec 5.1), pmean;
   phase_b Phase B: the MAG meta-gradient through the virtual encoder step (second order,
-          `MetAug.meta_objective`), both paths, pmean.
+          `MetAug.paper_meta_gradient`, as configured: forward-over-reverse or double
+          backward), both paths, pmean.
   The optimiser updates and the bank update are what the full step adds to phase_a + phase_b.
   """
-  import jax  # pylint: disable=g-import-not-at-top
   from metaug_jax import parallel  # pylint: disable=g-import-not-at-top
   from metaug_jax.methods import common  # pylint: disable=g-import-not-at-top
 
@@ -281,26 +290,15 @@ def metaug_parts(method, config):
 
   def phase_a(state, batch):
     views_, global_index, draws = prepare(state, batch, ("phase_a",))
-
-    def loss_a(enc_params):
-      outs, _ = common.apply_encoder(method.encoder, enc_params, state.batch_stats["encoder"],
-                                     views_)
-      z = common.embeddings(outs)
-      mag_outs, _ = common.apply_encoder(method.mag, state.params["mag"],
-                                         state.batch_stats["mag"], tuple(z))
-      loss, _ = method.objective(z, common.embeddings(mag_outs), state.banks,
-                                 draws["phase_a"], global_index)
-      return loss
-
-    loss, grads = jax.value_and_grad(loss_a)(state.params["encoder"])
-    return loss, parallel.pmean(grads)
+    grads, _, _, _, (_, _, _, metrics) = method.linearized_encoder_gradient(
+        state, views_, state.params["encoder"], state.banks, draws["phase_a"], global_index,
+        update_stats=True)
+    return metrics["loss_total"], grads
 
   def phase_b(state, batch):
     views_, global_index, draws = prepare(state, batch, ("inner", "outer"))
-    outer = method.meta_objective(state, views_, draws["inner"], draws["outer"], global_index)
-    omega = state.params["mag"]
-    grads, (_, metrics) = jax.grad(outer, argnums=(0, 1), has_aux=True)(omega, omega)
-    return metrics["loss_total"], parallel.pmean(grads)
+    grads, metrics, _ = method.paper_meta_gradient(state, views_, draws.get, global_index)
+    return metrics["meta_loss"], grads
 
   return {"views": views, "phase_a": phase_a, "phase_b": phase_b}
 
@@ -478,16 +476,21 @@ def _ratio_table(rows) -> list:
   for s, r in rows:
     if "error" not in r:
       by.setdefault((s.encoder, s.batch), {})[s.method] = r["step_s"]
-  head = ["encoder", "batch", "simclr s", "cmc s", "oucl_only s", "metaug s",
-          "**metaug / cmc**", "metaug / oucl_only", "oucl_only / cmc"]
+  head = ["encoder", "batch", "simclr s", "cmc s", "oucl_only s", "metaug s", "fused s",
+          "double-backward s", "**metaug / cmc**", "**fused / cmc**", "double-backward / cmc",
+          "metaug / oucl_only", "fused / oucl_only", "oucl_only / cmc"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "–"
   for (encoder, batch), t in by.items():
     lines.append("| " + " | ".join([
         encoder, str(batch), _f(t.get("simclr")), _f(t.get("cmc")),
-        _f(t.get("metaug_oucl_only")), _f(t.get("metaug")),
+        _f(t.get("metaug_oucl_only")), _f(t.get("metaug")), _f(t.get("metaug_fused")),
+        _f(t.get("metaug_double_backward")),
         "**" + ratio(t.get("metaug"), t.get("cmc")) + "**",
+        "**" + ratio(t.get("metaug_fused"), t.get("cmc")) + "**",
+        ratio(t.get("metaug_double_backward"), t.get("cmc")),
         ratio(t.get("metaug"), t.get("metaug_oucl_only")),
+        ratio(t.get("metaug_fused"), t.get("metaug_oucl_only")),
         ratio(t.get("metaug_oucl_only"), t.get("cmc"))]) + " |")
   return lines
 
@@ -498,9 +501,12 @@ def _anchor_table(rows) -> list:
           "authors s / step", "authors images / s", "authors peak RSS GiB",
           "ours / authors images/s", "ours / authors peak RSS"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for method, label in (("metaug", "MetAug (paper step)"),
-                        ("metaug_oucl_only", "plain 3-view OUCL (metaug_oucl_only)")):
-    r, p = got.get(method), PAPER[method]
+  for method, label, paper_key in (
+      ("metaug", "MetAug (paper step, forward-over-reverse; our default)", "metaug"),
+      ("metaug_fused", "MetAug, virtual step from the current theta (fused)", "metaug"),
+      ("metaug_double_backward", "MetAug (paper step, jax.grad of jax.grad)", "metaug"),
+      ("metaug_oucl_only", "plain 3-view OUCL (metaug_oucl_only)", "metaug_oucl_only")):
+    r, p = got.get(method), PAPER[paper_key]
     if r is None:
       lines.append(f"| {label} | not measured | | | {p['s_per_step']} | {p['images_per_s']} "
                    f"| ~{p['peak_rss_gib']} | | |")
@@ -511,11 +517,12 @@ def _anchor_table(rows) -> list:
         str(p["s_per_step"]), str(p["images_per_s"]), f"~{p['peak_rss_gib']}",
         f"**{r['images_per_s'] / p['images_per_s']:.2f}x**",
         f"**{rss / p['peak_rss_gib']:.2f}x**"]) + " |")
-  if "metaug" in got and "metaug_oucl_only" in got:
-    ours = got["metaug"]["step_s"] / got["metaug_oucl_only"]["step_s"]
-    theirs_implied = PAPER["metaug"]["s_per_step"] / PAPER["metaug_oucl_only"]["s_per_step"]
-    lines.append(f"| MetAug / OUCL step time | **{ours:.2f}x** | | | {PAPER['ratio']}x "
-                 f"(stated; {theirs_implied:.2f}x from their s / step) | | | | |")
+  theirs_implied = PAPER["metaug"]["s_per_step"] / PAPER["metaug_oucl_only"]["s_per_step"]
+  for method in ("metaug", "metaug_fused", "metaug_double_backward"):
+    if method in got and "metaug_oucl_only" in got:
+      ours = got[method]["step_s"] / got["metaug_oucl_only"]["step_s"]
+      lines.append(f"| {method} / OUCL step time | **{ours:.2f}x** | | | {PAPER['ratio']}x "
+                   f"(stated; {theirs_implied:.2f}x from their s / step) | | | | |")
   if "cmc" in got:
     lines.append(f"| (cmc, 3 views, InfoNCE) | {got['cmc']['step_s']:.2f} | "
                  f"{got['cmc']['images_per_s']:.2f} | {got['cmc']['peak_rss_mib'] / 1024:.2f} "
@@ -626,8 +633,9 @@ def render_markdown(results: dict, meta: dict) -> str:
             "Each part compiled and timed alone on 1 device (median; parts include their own "
             "view augmentation, so they overlap by the `views` time). phase_a = gradient of "
             "L_total w.r.t. the encoders with the MAGs frozen (V+2 bank calls); phase_b = the "
-            "MAG meta-gradient through the virtual encoder step (second order: inner "
-            "forward/backward, virtual forward, and the backward through both); full_step = "
+            "MAG meta-gradient through the virtual encoder step in the paper's order (inner "
+            "forward/backward, virtual forward/backward, then the second-order term: a "
+            "forward-mode pass of the linearised encoder by default); full_step = "
             "the real step (adds optimiser and bank updates).", "",
             *_parts_table(parts), ""]
   return "\n".join(out)
@@ -720,4 +728,5 @@ def _write_json(path: str, meta: dict, results: dict) -> None:
 
 
 if __name__ == "__main__":
+  sys.path.insert(0, ROOT)  # the repository's metaug_jax, installed or not
   main()

@@ -98,6 +98,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.metaug.inner_lr = 1e-3       # alpha of the virtual SGD step
   c.metaug.virtual_step_from = "updated"  # "updated": theta after the real step (spec 5.1);
                                           # "current": fused with Phase A (one pass fewer)
+  # How the second-order part -alpha (d g / d omega)^T v of the MAG gradient is taken:
+  # "reverse": jax.grad through jax.grad (the inner step's graph is kept for a double
+  # backward); "forward_over_reverse": the same mixed derivative as a jvp (along v) of the
+  # inner loss's omega-gradient, so no encoder backward graph is differentiated or kept.
+  c.metaug.meta_gradient = "forward_over_reverse"
   c.metaug.lambda_aug = 1e-5     # weight of the augmented OUCL terms
   c.metaug.lambda_mi = 1e-11     # weight of the margin-injected regulariser
   c.metaug.margin_type = "large"  # large | medium | small

@@ -29,6 +29,8 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
   _choice(e, "metaug.algorithm", config.metaug.algorithm, ("paper", "legacy"))
   _choice(e, "metaug.virtual_step_from", config.metaug.virtual_step_from,
           ("updated", "current"))
+  _choice(e, "metaug.meta_gradient", config.metaug.meta_gradient,
+          ("reverse", "forward_over_reverse"))
   _choice(e, "metaug.margin_type", config.metaug.margin_type, ("large", "medium", "small"))
   _choice(e, "loss.oucl_form", config.loss.oucl_form, (1, 2, 3))
   _choice(e, "loss.oucl_scale", config.loss.oucl_scale, ("code", "paper"))

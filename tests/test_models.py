@@ -2,13 +2,14 @@
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import ml_collections
 import numpy as np
 import pytest
 
 from metaug_jax.models.encoders import (AlexNetHalf, AlexNetSmall, DigitsConvNet,
                                         MultiViewEncoder, ResNet18, build_encoder)
-from metaug_jax.models.layers import l2_normalize
+from metaug_jax.models.layers import l2_normalize, max_pool
 from metaug_jax.models.mag import MAG, MultiViewMAG, build_multiview_mag
 
 KEY = jax.random.PRNGKey(0)
@@ -218,3 +219,30 @@ def test_l2_normalize_value_and_second_order_at_zero():
   # Away from zero: d(x/|x|)/dx . v = (v - u (u.v)) / |x| with u = x/|x|, v = (1, 2).
   u, v = np.array([0.6, 0.8]), np.array([1.0, 2.0])
   np.testing.assert_allclose(np.asarray(g[0]), (v - u * (u @ v)) / 5.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("size,window,stride,padding", [
+    (13, 3, 2, "VALID"), (12, 3, 2, "VALID"), (8, 3, 2, "SAME"), (9, 2, 2, 1)])
+def test_max_pool_matches_flax_to_second_order(size, window, stride, padding):
+  """Our pool = nn.max_pool in value, gradient (first maximum of each window takes it, ties
+  from ReLU zeros included) and a second-order derivative like MetAug's meta-gradient."""
+  x = jax.nn.relu(_images(2, size, 3, seed=1))          # many exact ties at 0
+  x = x.at[0, :2, :2, 0].set(0.7)                       # a tie between positive values
+  pads = padding if isinstance(padding, str) else ((padding, padding), (padding, padding))
+
+  def ours(x):
+    return max_pool(x, window, stride, padding)
+
+  def flax_pool(x):
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
+
+  weights = jax.random.normal(jax.random.PRNGKey(2), flax_pool(x).shape)
+  np.testing.assert_array_equal(ours(x), flax_pool(x))
+  for pool_fn_grads in [
+      lambda f: jax.grad(lambda x: jnp.sum(f(x) * weights))(x),
+      lambda f: jax.grad(lambda x: jnp.sum(jax.grad(
+          lambda y: jnp.sum(f(y) ** 3 * weights))(x) * jnp.cos(x)))(x),
+      lambda f: jax.jvp(lambda x: jax.grad(lambda y: jnp.sum(f(y) ** 2))(x), (x,),
+                        (jnp.sin(x),))[1]]:
+    np.testing.assert_allclose(pool_fn_grads(ours), pool_fn_grads(flax_pool), rtol=1e-6,
+                               atol=1e-6)

@@ -53,7 +53,8 @@ def assert_trees_close(a, b, atol):
 @pytest.mark.parametrize("method,overrides", [
     ("simclr", {}), ("cmc", {}), ("metaug_oucl_only", {}), ("metaug", {}),
     ("metaug", {"metaug.algorithm": "legacy"}),
-    ("metaug", {"metaug.virtual_step_from": "current", "bank.schedule": "code_exact"})])
+    ("metaug", {"metaug.virtual_step_from": "current", "bank.schedule": "code_exact"}),
+    ("metaug", {"metaug.virtual_step_from": "current", "metaug.meta_gradient": "reverse"})])
 def test_four_devices_match_one_device(method, overrides):
   config = tiny_config(method, **overrides)
   # The legacy encoder look-ahead at this test's large inner step amplifies any 1e-7

@@ -5,8 +5,13 @@ One `train_step` holds the whole iteration of spec section 5, and is pmapped as 
   Phase A   encoders step on L_total(theta, omega) with the MAGs frozen (gradients still flow
             *through* the MAGs into the embeddings);
   Phase B   the MAGs step on the meta-objective L_total(theta'(omega), omega), where
-            theta' = theta - alpha * grad_theta L_total(theta, omega) is a virtual SGD step kept
-            differentiable: `jax.grad` of a function that itself calls `jax.grad`.
+            theta' = theta - alpha * grad_theta L_total(theta, omega) is a virtual SGD step
+            whose dependence on omega is differentiated. By default
+            (metaug.meta_gradient="forward_over_reverse") the second-order part is a jvp of
+            the inner loss's omega-gradient along the outer gradient, through the encoder's
+            linearisation; "reverse" is `jax.grad` of a function that itself calls
+            `jax.grad`. Both give the same gradient (tested); the first keeps no encoder
+            backward graph alive.
 
 `config.method == "metaug_oucl_only"` trains the same encoders with O(S0) alone (the paper's
 "only OUCL" row). The objective L_total (spec 4.2) is a pure function of embeddings, so other
@@ -192,10 +197,18 @@ class MetAug(base.Method):
 
     fused = (self.use_mag and cfg.metaug.algorithm == "paper"
              and cfg.metaug.virtual_step_from == "current")
-    if fused:
+    by_jvp = (self.use_mag and cfg.metaug.algorithm == "paper"
+              and cfg.metaug.meta_gradient == "forward_over_reverse")
+    if fused and not by_jvp:
       enc_grads, (enc_stats, mag_stats, z, banks, metrics), mag_grads, meta_metrics, banks = (
           self._fused_grads(state, views, loss_a, draw, global_index))
       metrics.update(meta_metrics)
+    elif by_jvp:
+      # Same gradient as loss_a's, through a linearised encoder whose linear map the fused
+      # meta-gradient reuses (no second encoder forward).
+      enc_grads, z, z_lin, head_a, (enc_stats, mag_stats, banks, metrics) = (
+          self.linearized_encoder_gradient(state, views, state.params["encoder"], state.banks,
+                                draw("phase_a"), global_index, update_stats=True))
     else:
       (_, (enc_stats, mag_stats, z, banks, metrics)), enc_grads = jax.value_and_grad(
           loss_a, has_aux=True)(state.params["encoder"], mag_params)
@@ -208,10 +221,15 @@ class MetAug(base.Method):
     state_a = state.replace(params={**state.params, **new_params}, banks=banks)
 
     if self.use_mag:
-      if fused:
+      if fused and not by_jvp:
         pass  # MAG gradients came with the encoder gradients
+      elif fused:
+        # Virtual step from the current theta: Phase A's gradient is the inner gradient.
+        mag_grads, meta_metrics, banks = self._meta_grads_by_jvp(
+            state, views, enc_grads, z, z_lin, head_a, banks, draw("outer"), global_index)
+        metrics.update(meta_metrics)
       elif cfg.metaug.algorithm == "paper":
-        mag_grads, meta_metrics, banks = self._paper_meta_grads(state_a, views, draw,
+        mag_grads, meta_metrics, banks = self.paper_meta_gradient(state_a, views, draw,
                                                                 global_index)
         metrics.update(meta_metrics)
       else:
@@ -287,12 +305,89 @@ class MetAug(base.Method):
     mag_grads, meta_metrics = self._combine(direct, second, outer_metrics)
     return enc_grads, aux_a, mag_grads, meta_metrics, banks
 
-  def _paper_meta_grads(self, state, views, draw, global_index):
-    """The MAG gradient through the virtual encoder step (spec 5.1, Algorithm 1)."""
+  def paper_meta_gradient(self, state, views, draw, global_index):
+    """Phase B: the MAG gradient through a virtual step from `state`'s encoder (spec 5.1,
+    Algorithm 1). `draw(name)` gives the "inner" and "outer" calls' negatives.
+
+    Returns (MAG gradient, metrics, banks after the outer call).
+    """
+    if self.config.metaug.meta_gradient == "forward_over_reverse":
+      g, z, z_lin, head, (_, _, banks, _) = self.linearized_encoder_gradient(
+          state, views, state.params["encoder"], state.banks, draw("inner"), global_index,
+          update_stats=False)
+      return self._meta_grads_by_jvp(state, views, g, z, z_lin, head, banks, draw("outer"),
+                                     global_index)
     outer = self.meta_objective(state, views, draw("inner"), draw("outer"), global_index)
     omega = state.params["mag"]
     (second, direct), (banks, outer_metrics) = jax.grad(outer, argnums=(0, 1), has_aux=True)(
         omega, omega)
+    return self._combine(direct, second, outer_metrics) + (banks,)
+
+  def _head(self, z, omega, mag_stats, banks, indices, global_index, update_stats: bool):
+    """L_total from the V embeddings: the MAGs, the bank calls, OUCL and the margin term.
+
+    Returns (loss, (MAG batch stats, banks after the calls, metrics)).
+    """
+    a, mag_stats = self._augment(omega, mag_stats, list(z), update_stats)
+    loss, (banks, metrics) = self.objective(list(z), a, banks, indices, global_index)
+    return loss, (mag_stats, banks, metrics)
+
+  def linearized_encoder_gradient(self, state, views, theta, banks, indices, global_index,
+                       update_stats: bool):
+    """pmean grad_theta L_total(theta, omega) through a linearised encoder.
+
+    The encoder is linearised once (jax.linearize: one forward, residuals kept); its transpose
+    gives the gradient, and the same linear map later pushes a theta-direction to the
+    embeddings for the second-order term, without a second encoder forward.
+
+    Returns (g, z, z_lin, head, (encoder stats, MAG stats, banks, metrics)): z the embeddings,
+    z_lin the linear map theta-tangent -> z-tangent, head(z, omega) -> (loss, aux) the rest of
+    L_total with this call's banks and negatives.
+    """
+    def encode(t):
+      outs, stats = common.apply_encoder(self.encoder, t, state.batch_stats["encoder"], views,
+                                         update_stats=update_stats)
+      return tuple(common.embeddings(outs)), stats
+
+    z, z_lin, enc_stats = jax.linearize(encode, theta, has_aux=True)
+    mag_stats = state.batch_stats.get("mag")
+
+    def head(zs, omega):
+      return self._head(zs, omega, mag_stats, banks, indices, global_index, update_stats)
+
+    (_, (new_mag_stats, new_banks, metrics)), z_bar = jax.value_and_grad(head, has_aux=True)(
+        z, state.params["mag"])
+    (g,) = jax.linear_transpose(z_lin, theta)(z_bar)
+    return parallel.pmean(g), z, z_lin, head, (enc_stats, new_mag_stats, new_banks, metrics)
+
+  def _meta_grads_by_jvp(self, state, views, g, z, z_lin, head, banks, outer_idx,
+                         global_index):
+    """The MAG gradient of L_total(theta - alpha g(omega), omega), forward-over-reverse.
+
+    g = pmean grad_theta L_inner(theta, omega), with L_inner(theta, omega) =
+    head(z(theta), omega), comes from `linearized_encoder_gradient` (its value only). With
+    v = pmean grad_theta' L_total at theta' = theta - alpha g, the chain rule gives
+    d/d omega = direct + second, and by the symmetry of mixed partials
+      second = -alpha (d g / d omega)^T v = -alpha d/d omega <grad_theta L_inner, v>
+             = -alpha J_z[grad_omega head(z, omega)] (J_theta z) v,
+    i.e. the encoder's linear map applied to v (a forward-mode pass, nothing kept), then a
+    jvp of the MAG-level omega-gradient. No encoder backward graph is built, kept or
+    differentiated, unlike jax.grad of jax.grad (metaug.meta_gradient="reverse", same value,
+    tested).
+    """
+    mc = self.config.metaug
+    theta, omega = state.params["encoder"], state.params["mag"]
+    theta_virtual = _tree_axpy(-mc.inner_lr, g, theta)
+    (_, (banks, outer_metrics)), (v, direct) = jax.value_and_grad(
+        lambda t, w: self._loss_at(t, w, state, views, banks, outer_idx, global_index),
+        argnums=(0, 1), has_aux=True)(theta_virtual, omega)
+    if mc.first_order:
+      second = jax.tree.map(jnp.zeros_like, direct)
+    else:
+      z_dot = z_lin(parallel.pmean(v))
+      omega_grad = lambda zs: jax.grad(lambda w: head(zs, w)[0])(omega)
+      _, mixed = jax.jvp(omega_grad, (z,), (z_dot,))
+      second = jax.tree.map(lambda m: -mc.inner_lr * m, mixed)
     return self._combine(direct, second, outer_metrics) + (banks,)
 
   @staticmethod
