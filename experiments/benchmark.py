@@ -68,8 +68,12 @@ STEP_VARIANTS = {
     "metaug_fused": ("metaug", (("metaug.virtual_step_from", "current"),)),
     # The meta-gradient as jax.grad of jax.grad (double backward), the earlier default.
     "metaug_double_backward": ("metaug", (("metaug.meta_gradient", "reverse"),)),
+    # The fused step with rematerialised conv blocks (memory for compute).
+    "metaug_fused_remat": ("metaug", (("metaug.virtual_step_from", "current"),
+                                      ("model.remat", True))),
 }
 STEP_METHODS = ("metaug_oucl_only", "metaug", "metaug_fused", "metaug_double_backward")
+ANCHOR_EXTRA_METHODS = ("metaug_fused_remat",)
 ANCHOR = {"encoder": "alexnet_half", "batch": 64, "negatives": 1024, "bank_rows": 5000}
 
 
@@ -358,7 +362,7 @@ def plan(sections, encoders, batches, steps: int, warmup: int, anchor_steps: int
           todo.append(Setting("steps", encoder, method, batch, warmup=warmup, steps=steps,
                               overrides=overrides))
   if "anchor" in sections or ("steps" in sections and ANCHOR["encoder"] in encoders):
-    for method in ("cmc",) + STEP_METHODS:
+    for method in ("cmc",) + STEP_METHODS + ANCHOR_EXTRA_METHODS:
       todo.append(Setting("anchor", ANCHOR["encoder"], method, ANCHOR["batch"],
                           warmup=1, steps=anchor_steps, overrides=overrides))
   if "scaling" in sections:
@@ -505,6 +509,7 @@ def _anchor_table(rows) -> list:
       ("metaug", "MetAug (paper step, forward-over-reverse; our default)", "metaug"),
       ("metaug_fused", "MetAug, virtual step from the current theta (fused)", "metaug"),
       ("metaug_double_backward", "MetAug (paper step, jax.grad of jax.grad)", "metaug"),
+      ("metaug_fused_remat", "MetAug fused, model.remat=True", "metaug"),
       ("metaug_oucl_only", "plain 3-view OUCL (metaug_oucl_only)", "metaug_oucl_only")):
     r, p = got.get(method), PAPER[paper_key]
     if r is None:
@@ -518,7 +523,7 @@ def _anchor_table(rows) -> list:
         f"**{r['images_per_s'] / p['images_per_s']:.2f}x**",
         f"**{rss / p['peak_rss_gib']:.2f}x**"]) + " |")
   theirs_implied = PAPER["metaug"]["s_per_step"] / PAPER["metaug_oucl_only"]["s_per_step"]
-  for method in ("metaug", "metaug_fused", "metaug_double_backward"):
+  for method in ("metaug", "metaug_fused", "metaug_double_backward", "metaug_fused_remat"):
     if method in got and "metaug_oucl_only" in got:
       ours = got[method]["step_s"] / got["metaug_oucl_only"]["step_s"]
       lines.append(f"| {method} / OUCL step time | **{ours:.2f}x** | | | {PAPER['ratio']}x "
@@ -646,6 +651,9 @@ def parse_args(argv=None):
   p.add_argument("--only", default="steps,anchor,scaling,parts",
                  help="comma list of sections: steps, anchor, scaling, parts")
   p.add_argument("--encoders", default=",".join(ENCODERS), help="comma list of encoders")
+  p.add_argument("--methods", default="",
+                 help="only these steps in the steps/anchor sections, e.g. 'cmc,metaug_fused' "
+                      f"(default: the plain steps and {', '.join(STEP_METHODS)})")
   p.add_argument("--batches", default="",
                  help="per-encoder batches, e.g. 'digits_conv=64/128;alexnet_small=32'")
   p.add_argument("--steps", type=int, default=5, help="timed steps per setting")
@@ -687,6 +695,9 @@ def main(argv=None) -> None:
               args.steps, args.warmup, args.anchor_steps,
               [int(n) for n in args.scaling_devices.split(",")], args.scaling_encoder,
               args.scaling_batch, args.scaling_methods.split(","), accel, overrides)
+  if args.methods:
+    keep = set(args.methods.split(","))
+    todo = [s for s in todo if s.kind not in ("steps", "anchor") or s.method in keep]
   results = {}
   if args.resume and args.json_out and os.path.exists(args.json_out):
     results = {k: v for k, v in json.load(open(args.json_out))["results"].items()

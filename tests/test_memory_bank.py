@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from metaug_jax import memory_bank, parallel
 
@@ -31,12 +32,13 @@ def test_update_is_normalised_momentum_average_of_batch_rows_only():
   np.testing.assert_allclose(np.linalg.norm(new, axis=-1), 1.0, atol=1e-5)
 
 
-def test_score_call_matches_numpy_for_every_direction():
+@pytest.mark.parametrize("dense", [None, True, False])
+def test_score_call_matches_numpy_for_every_direction(dense):
   rng = np.random.default_rng(1)
   banks = jnp.asarray(_unit(rng.normal(size=(3, 20, 8))), jnp.float32)
   queries = [jnp.asarray(_unit(rng.normal(size=(4, 8))), jnp.float32) for _ in range(3)]
   idx = jnp.asarray(rng.integers(0, 20, size=(4, 6)), jnp.int32)
-  scores = np.asarray(memory_bank.score_call(queries, banks, idx))
+  scores = np.asarray(memory_bank.score_call(queries, banks, idx, dense=dense))
   dirs = memory_bank.directions(3)
   assert scores.shape == (4, 6, 6) and len(dirs) == 6
   for d, (x, y) in enumerate(dirs):
@@ -62,3 +64,22 @@ def test_drawn_indices_do_not_depend_on_device_count():
   np.testing.assert_array_equal(out[1], out[4])
   np.testing.assert_array_equal(out[1][:, 0], anchors)   # column 0 is the anchor's own row
   assert out[1][:, 1:].min() >= 0 and out[1][:, 1:].max() < 1000
+
+
+def test_dense_and_gathered_scoring_have_the_same_gradients():
+  """Dense scoring (whole bank, then pick columns) = gathering rows: same query gradient,
+  including repeated indices (collisions), and no gradient into the banks either way."""
+  rng = np.random.default_rng(2)
+  banks = jnp.asarray(_unit(rng.normal(size=(2, 30, 8))), jnp.float32)
+  queries = [jnp.asarray(_unit(rng.normal(size=(5, 8))), jnp.float32) for _ in range(2)]
+  idx = jnp.asarray(rng.integers(0, 30, size=(5, 40)), jnp.int32)      # many repeats
+  weights = jnp.asarray(rng.normal(size=(5, 2, 40)), jnp.float32)
+
+  def loss(q, b, dense):
+    return jnp.sum(jnp.sin(3 * memory_bank.score_call(q, b, idx, dense=dense)) * weights)
+
+  g_dense = jax.grad(loss, argnums=(0, 1))(queries, banks, True)
+  g_gather = jax.grad(loss, argnums=(0, 1))(queries, banks, False)
+  for a, b in zip(g_dense[0], g_gather[0]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(g_dense[1]).max()) == 0.0 == float(jnp.abs(g_gather[1]).max())
