@@ -9,13 +9,17 @@ one JSON file:
 
   python experiments/benchmark.py --only=anchor --json_out=/tmp/anchor.json   # paper anchor
   python experiments/benchmark.py --only=steps --encoders=digits_conv --steps=3  # quick look
+  python experiments/benchmark.py --only=anchor --methods=cmc,metaug_fused  # some steps only
 
 Sections (`--only`, comma-separated; default all):
   steps    each encoder at a few batch sizes: `cmc` (the plain contrastive step; also
-           `simclr` for the digits encoder), `metaug_oucl_only` and `metaug`, 1 device;
+           `simclr` for the digits encoder), `metaug_oucl_only`, `metaug` (the paper-ordered
+           step, our default), `metaug_fused` (virtual step from the current weights, so
+           Phase A's gradient is the inner one) and `metaug_double_backward` (the
+           meta-gradient as jax.grad of jax.grad instead of forward-over-reverse), 1 device;
   anchor   the paper's setting (three AlexNet-half encoders at 224x224, batch 64, K=1024
            negatives, a bank of N=5000 rows, `metaug.algorithm=paper`) next to the authors'
-           PyTorch numbers on a 2-core machine;
+           PyTorch numbers on a 2-core machine; also `metaug_fused_remat` (model.remat);
   scaling  one global batch on 1, 2, 4, 8 devices (simulated CPU devices when there is no
            accelerator: those share the same cores, so this measures overhead, not speed-up);
   parts    where a MetAug step's time goes: the views, Phase A (encoder step objective with
