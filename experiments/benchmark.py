@@ -45,6 +45,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -612,7 +613,11 @@ def render_markdown(results: dict, meta: dict) -> str:
     out += ["## Step time and memory", "", *_steps_table(steps_rows), "",
             "## MetAug cost relative to the plain contrastive step", "",
             "Same encoder, batch, views, bank and data; `cmc` is the plain 3-view (digits: "
-            "2-view) InfoNCE step with memory banks.", "", *_ratio_table(steps_rows), ""]
+            "2-view) InfoNCE step with memory banks. `metaug` is the paper-ordered step (our "
+            "default; virtual step from the updated encoder), `fused` takes the virtual step "
+            "from the current encoder (`metaug.virtual_step_from=current`: Phase A's gradient "
+            "is the inner one), `double-backward` is `metaug` with "
+            "`metaug.meta_gradient=reverse`.", "", *_ratio_table(steps_rows), ""]
   anchor = pick("anchor")
   if anchor:
     n = {s.method: s.steps for s, _ in anchor}
@@ -684,7 +689,7 @@ def main(argv=None) -> None:
     worker_main(Setting.from_json(args.worker))
     return
   start = time.time()
-  meta = {"command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+  meta = {"command": "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(),
           "platform": probe_platform(), "load_start": machine_load()}
   batches = {}
