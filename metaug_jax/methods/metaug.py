@@ -280,7 +280,9 @@ class MetAug(base.Method):
     return outer
 
   def _fused_grads(self, state, views, loss_a, draw, global_index):
-    """Phase A and the meta-gradient in one differentiation (metaug.virtual_step_from=current).
+    """Phase A and the meta-gradient in one double backward (metaug.virtual_step_from=current
+    with metaug.meta_gradient=reverse; the forward-over-reverse default uses
+    `_meta_grads_by_jvp` on Phase A's linearisation instead).
 
     The virtual step starts from the current theta instead of the updated one, so the inner
     gradient *is* Phase A's gradient: L_total(theta - alpha grad_theta L_total(theta, w), w'),
