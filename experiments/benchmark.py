@@ -458,11 +458,16 @@ def _f(value, fmt: str = ".3f", missing: str = "–") -> str:
   return missing if value is None else format(value, fmt)
 
 
+def _table_head(head) -> list:
+  """A markdown table's header and separator lines."""
+  return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+
 def _steps_table(rows) -> list:
   head = ["encoder", "input, views", "batch", "step", "compile s", "s / step", "steps / s",
           "images / s", "cores used", "GFLOP / step", "GFLOP/s", "XLA temp MiB", "XLA args MiB",
           "peak RSS MiB (+ over pre-step)", "device peak MiB"]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  lines = _table_head(head)
   for s, r in rows:
     if "error" in r:
       lines.append(f"| {s.encoder} | | {s.batch} | {s.method} | error: {r['error'][:200]} |")
@@ -488,7 +493,7 @@ def _ratio_table(rows) -> list:
   head = ["encoder", "batch", "simclr s", "cmc s", "oucl_only s", "metaug s", "fused s",
           "double-backward s", "**metaug / cmc**", "**fused / cmc**", "double-backward / cmc",
           "metaug / oucl_only", "fused / oucl_only", "oucl_only / cmc"]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  lines = _table_head(head)
   ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "–"
   for (encoder, batch), t in by.items():
     lines.append("| " + " | ".join([
@@ -509,7 +514,7 @@ def _anchor_table(rows) -> list:
   head = ["step", "ours s / step", "ours images / s", "ours peak RSS GiB",
           "authors s / step", "authors images / s", "authors peak RSS GiB",
           "ours / authors images/s", "ours / authors peak RSS"]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  lines = _table_head(head)
   for method, label, paper_key in (
       ("metaug", "MetAug (paper step, forward-over-reverse; our default)", "metaug"),
       ("metaug_fused", "MetAug, virtual step from the current theta (fused)", "metaug"),
@@ -528,7 +533,7 @@ def _anchor_table(rows) -> list:
         f"**{r['images_per_s'] / p['images_per_s']:.2f}x**",
         f"**{rss / p['peak_rss_gib']:.2f}x**"]) + " |")
   theirs_implied = PAPER["metaug"]["s_per_step"] / PAPER["metaug_oucl_only"]["s_per_step"]
-  for method in ("metaug", "metaug_fused", "metaug_double_backward", "metaug_fused_remat"):
+  for method in ("metaug",) + tuple(STEP_VARIANTS):
     if method in got and "metaug_oucl_only" in got:
       ours = got[method]["step_s"] / got["metaug_oucl_only"]["step_s"]
       lines.append(f"| {method} / OUCL step time | **{ours:.2f}x** | | | {PAPER['ratio']}x "
@@ -543,7 +548,7 @@ def _anchor_table(rows) -> list:
 def _scaling_table(rows) -> list:
   head = ["step", "encoder", "global batch", "devices", "simulated", "s / step", "images / s",
           "efficiency", "cores used", "compile s", "peak RSS MiB"]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  lines = _table_head(head)
   base = {}
   for s, r in rows:
     if "error" not in r and s.num_devices == 1:
@@ -565,7 +570,7 @@ def _scaling_table(rows) -> list:
 def _parts_table(rows) -> list:
   head = ["encoder", "batch", "part", "s / call", "share of full step", "GFLOP", "XLA temp MiB",
           "cores used", "compile s"]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  lines = _table_head(head)
   for s, r in rows:
     if "error" in r:
       lines.append(f"| {s.encoder} | {s.batch} | error: {r['error'][:200]} | | | | | |")

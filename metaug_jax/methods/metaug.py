@@ -153,18 +153,28 @@ class MetAug(base.Method):
                                        update_stats=update_stats)
     return common.embeddings(outs), stats
 
-  def _virtual_forward(self, enc_params, mag_params, state, views):
-    """Train-mode BN with batch statistics; running-stat updates discarded (spec A10)."""
-    outs, _ = common.apply_encoder(self.encoder, enc_params, state.batch_stats["encoder"],
-                                   views, update_stats=False)
-    z = common.embeddings(outs)
-    a, _ = self._augment(mag_params, state.batch_stats.get("mag"), z, update_stats=False)
-    return z, a
+  def _encode(self, enc_params, state, views, update_stats: bool):
+    """Train-mode encoder forward: (V embeddings, encoder BN stats). With update_stats=False
+    the running-stat updates are discarded (virtual forwards, spec A10)."""
+    outs, stats = common.apply_encoder(self.encoder, enc_params, state.batch_stats["encoder"],
+                                       views, update_stats=update_stats)
+    return tuple(common.embeddings(outs)), stats
+
+  def _head(self, z, omega, mag_stats, banks, indices, global_index, update_stats: bool):
+    """L_total from the V embeddings: the MAGs, the bank calls, OUCL and the margin term.
+
+    Returns (loss, (MAG batch stats, banks after the calls, metrics)).
+    """
+    a, mag_stats = self._augment(omega, mag_stats, list(z), update_stats)
+    loss, (banks, metrics) = self.objective(list(z), a, banks, indices, global_index)
+    return loss, (mag_stats, banks, metrics)
 
   def _loss_at(self, enc_params, mag_params, state, views, banks, indices, global_index):
     """L_total at given (possibly virtual) parameters: BN on batch statistics, none kept."""
-    z, a = self._virtual_forward(enc_params, mag_params, state, views)
-    return self.objective(z, a, banks, indices, global_index)
+    z, _ = self._encode(enc_params, state, views, update_stats=False)
+    loss, (_, banks, metrics) = self._head(z, mag_params, state.batch_stats.get("mag"), banks,
+                                           indices, global_index, update_stats=False)
+    return loss, (banks, metrics)
 
   def _inner_gradient(self, inner_loss, params):
     """pmean'd grad of an inner loss, kept differentiable unless metaug.first_order.
@@ -188,18 +198,18 @@ class MetAug(base.Method):
 
     # Phase A: encoders, MAGs frozen (spec 5.1). Running BN statistics are committed here.
     def loss_a(enc_params, omega):
-      outs, enc_stats = common.apply_encoder(self.encoder, enc_params,
-                                             state.batch_stats["encoder"], views)
-      z = common.embeddings(outs)
-      a, mag_stats = self._augment(omega, state.batch_stats.get("mag"), z, True)
-      loss, (banks, metrics) = self.objective(z, a, state.banks, draw("phase_a"), global_index)
-      return loss, (enc_stats, mag_stats, z, banks, metrics)
+      z, enc_stats = self._encode(enc_params, state, views, update_stats=True)
+      loss, (mag_stats, banks, metrics) = self._head(
+          z, omega, state.batch_stats.get("mag"), state.banks, draw("phase_a"), global_index,
+          update_stats=True)
+      return loss, (enc_stats, mag_stats, list(z), banks, metrics)
 
     fused = (self.use_mag and cfg.metaug.algorithm == "paper"
              and cfg.metaug.virtual_step_from == "current")
     by_jvp = (self.use_mag and cfg.metaug.algorithm == "paper"
               and cfg.metaug.meta_gradient == "forward_over_reverse")
-    if fused and not by_jvp:
+    fused_double_backward = fused and not by_jvp
+    if fused_double_backward:
       enc_grads, (enc_stats, mag_stats, z, banks, metrics), mag_grads, meta_metrics, banks = (
           self._fused_grads(state, views, loss_a, draw, global_index))
       metrics.update(meta_metrics)
@@ -208,7 +218,7 @@ class MetAug(base.Method):
       # meta-gradient reuses (no second encoder forward).
       enc_grads, z, z_lin, head_a, (enc_stats, mag_stats, banks, metrics) = (
           self.linearized_encoder_gradient(state, views, state.params["encoder"], state.banks,
-                                draw("phase_a"), global_index, update_stats=True))
+                                           draw("phase_a"), global_index, update_stats=True))
     else:
       (_, (enc_stats, mag_stats, z, banks, metrics)), enc_grads = jax.value_and_grad(
           loss_a, has_aux=True)(state.params["encoder"], mag_params)
@@ -221,7 +231,7 @@ class MetAug(base.Method):
     state_a = state.replace(params={**state.params, **new_params}, banks=banks)
 
     if self.use_mag:
-      if fused and not by_jvp:
+      if fused_double_backward:
         pass  # MAG gradients came with the encoder gradients
       elif fused:
         # Virtual step from the current theta: Phase A's gradient is the inner gradient.
@@ -230,7 +240,7 @@ class MetAug(base.Method):
         metrics.update(meta_metrics)
       elif cfg.metaug.algorithm == "paper":
         mag_grads, meta_metrics, banks = self.paper_meta_gradient(state_a, views, draw,
-                                                                global_index)
+                                                                  global_index)
         metrics.update(meta_metrics)
       else:
         mag_grads, meta_metrics, banks = self._legacy_mag_grads(state_a, views, draw,
@@ -298,8 +308,8 @@ class MetAug(base.Method):
       g = parallel.pmean(g)
       g_virtual = jax.lax.stop_gradient(g) if mc.first_order else g
       theta_virtual = _tree_axpy(-mc.inner_lr, g_virtual, theta)
-      z, a = self._virtual_forward(theta_virtual, omega_direct, state, views)
-      loss, (banks, metrics) = self.objective(z, a, aux_a[3], outer_idx, global_index)
+      loss, (banks, metrics) = self._loss_at(theta_virtual, omega_direct, state, views,
+                                             aux_a[3], outer_idx, global_index)
       return loss, jax.lax.stop_gradient((g, aux_a, banks, metrics))
 
     (second, direct), (enc_grads, aux_a, banks, outer_metrics) = jax.grad(
@@ -325,17 +335,8 @@ class MetAug(base.Method):
         omega, omega)
     return self._combine(direct, second, outer_metrics) + (banks,)
 
-  def _head(self, z, omega, mag_stats, banks, indices, global_index, update_stats: bool):
-    """L_total from the V embeddings: the MAGs, the bank calls, OUCL and the margin term.
-
-    Returns (loss, (MAG batch stats, banks after the calls, metrics)).
-    """
-    a, mag_stats = self._augment(omega, mag_stats, list(z), update_stats)
-    loss, (banks, metrics) = self.objective(list(z), a, banks, indices, global_index)
-    return loss, (mag_stats, banks, metrics)
-
   def linearized_encoder_gradient(self, state, views, theta, banks, indices, global_index,
-                       update_stats: bool):
+                                  update_stats: bool):
     """pmean grad_theta L_total(theta, omega) through a linearised encoder.
 
     The encoder is linearised once (jax.linearize: one forward, residuals kept); its transpose
@@ -346,12 +347,8 @@ class MetAug(base.Method):
     z_lin the linear map theta-tangent -> z-tangent, head(z, omega) -> (loss, aux) the rest of
     L_total with this call's banks and negatives.
     """
-    def encode(t):
-      outs, stats = common.apply_encoder(self.encoder, t, state.batch_stats["encoder"], views,
-                                         update_stats=update_stats)
-      return tuple(common.embeddings(outs)), stats
-
-    z, z_lin, enc_stats = jax.linearize(encode, theta, has_aux=True)
+    z, z_lin, enc_stats = jax.linearize(
+        lambda t: self._encode(t, state, views, update_stats), theta, has_aux=True)
     mag_stats = state.batch_stats.get("mag")
 
     def head(zs, omega):
