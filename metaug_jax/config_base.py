@@ -62,6 +62,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.mag_hidden = 2048      # MAG width (spec 3.2)
   c.model.dtype = "float32"      # compute dtype: float32 or bfloat16 (params stay float32)
   c.model.remat = False          # rematerialise the conv blocks (memory for compute)
+  # The input conv's kernel derivative: "xla", "patches" (chunked patch GEMMs, models/
+  # patch_conv.py) or "auto" (patches for alexnet_half on CPU only, where it is ~3x faster).
+  c.model.conv1_weight_grad = "auto"
 
   # ---- optimisation -----------------------------------------------------------------------
   c.batch_size = 128             # global batch, split over devices

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from metaug_jax.models.layers import (ConvBNReLU, batch_norm, conv, dense, l2_normalize,
-                                      maybe_remat, output_dtype)
+from metaug_jax.models.layers import (WEIGHT_GRADS, ConvBNReLU, batch_norm, conv, dense,
+                                      l2_normalize, maybe_remat, output_dtype)
 
 Dtype = Any
 
@@ -81,6 +81,7 @@ class AlexNetHalf(nn.Module):
   axis_name: Optional[str] = None
   dtype: Dtype = jnp.float32
   remat: bool = False
+  conv1_weight_grad: str = "xla"   # input conv's kernel derivative (layers.conv)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict:
@@ -93,8 +94,8 @@ class AlexNetHalf(nn.Module):
     w = self.width
     kw = dict(axis_name=self.axis_name, dtype=self.dtype)
     h = x.astype(self.dtype)
-    h = block(_scaled(48, w), 11, strides=4, padding=2, pool=(3, 2), name="conv1", **kw)(
-        h, train)
+    h = block(_scaled(48, w), 11, strides=4, padding=2, pool=(3, 2), name="conv1",
+              weight_grad=self.conv1_weight_grad, **kw)(h, train)
     h = block(_scaled(128, w), 5, padding=2, pool=(3, 2), name="conv2", **kw)(h, train)
     h = block(_scaled(192, w), 3, padding=1, name="conv3", **kw)(h, train)
     h = block(_scaled(192, w), 3, padding=1, name="conv4", **kw)(h, train)
@@ -118,6 +119,7 @@ class AlexNetSmall(nn.Module):
   axis_name: Optional[str] = None
   dtype: Dtype = jnp.float32
   remat: bool = False
+  conv1_weight_grad: str = "xla"   # input conv's kernel derivative (layers.conv)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict:
@@ -131,7 +133,7 @@ class AlexNetSmall(nn.Module):
     kw = dict(axis_name=self.axis_name, dtype=self.dtype, pool_padding="SAME")
     h = x.astype(self.dtype)
     h = block(_scaled(48, w), 5, strides=size // 32, padding=2, pool=(3, 2), name="conv1",
-              **kw)(h, train)
+              weight_grad=self.conv1_weight_grad, **kw)(h, train)
     h = block(_scaled(128, w), 5, padding=2, pool=(3, 2), name="conv2", **kw)(h, train)
     h = block(_scaled(192, w), 3, padding=1, name="conv3", **kw)(h, train)
     h = block(_scaled(192, w), 3, padding=1, name="conv4", **kw)(h, train)
@@ -174,6 +176,7 @@ class ResNet18(nn.Module):
   axis_name: Optional[str] = None
   dtype: Dtype = jnp.float32
   remat: bool = False
+  conv1_weight_grad: str = "xla"   # input conv's kernel derivative (layers.conv)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict:
@@ -181,7 +184,7 @@ class ResNet18(nn.Module):
     w = self.width
     h = x.astype(self.dtype)
     h = ConvBNReLU(_scaled(64, w), 3, padding=1, axis_name=self.axis_name, dtype=self.dtype,
-                   name="stem")(h, train)
+                   weight_grad=self.conv1_weight_grad, name="stem")(h, train)
     block = maybe_remat(BasicBlock, self.remat)
     for stage, (channels, strides) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2))):
       for b in range(2):
@@ -203,6 +206,7 @@ class DigitsConvNet(nn.Module):
   axis_name: Optional[str] = None
   dtype: Dtype = jnp.float32
   remat: bool = False
+  conv1_weight_grad: str = "xla"   # input conv's kernel derivative (layers.conv)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict:
@@ -211,7 +215,8 @@ class DigitsConvNet(nn.Module):
     w = self.width
     kw = dict(axis_name=self.axis_name, dtype=self.dtype)
     h = x.astype(self.dtype)
-    h = block(_scaled(32, w), 3, padding=1, name="conv1", **kw)(h, train)
+    h = block(_scaled(32, w), 3, padding=1, name="conv1", weight_grad=self.conv1_weight_grad,
+              **kw)(h, train)
     h = block(_scaled(32, w), 3, padding=1, pool=(2, 2), name="conv2", **kw)(h, train)
     h = block(_scaled(64, w), 3, padding=1, pool=(2, 2), name="conv3", **kw)(h, train)
     conv_feat = h.reshape((h.shape[0], -1))
@@ -237,8 +242,9 @@ def build_encoder(model_config: Any, axis_name: Optional[str] = None,
                   name: Optional[str] = None) -> nn.Module:
   """Builds the encoder named by `model_config.encoder` (config `model` section).
 
-  Reads encoder, embedding_dim, width, dtype and the optional `remat` (default False).
-  `name` is the Flax submodule name when built inside another module.
+  Reads encoder, embedding_dim, width, dtype and the optional `remat` (default False) and
+  `conv1_weight_grad` (default "auto", see `conv1_weight_grad`). `name` is the Flax submodule
+  name when built inside another module.
   """
   encoder = model_config.encoder
   if encoder not in _ENCODERS:
@@ -246,7 +252,28 @@ def build_encoder(model_config: Any, axis_name: Optional[str] = None,
   return _ENCODERS[encoder](
       embedding_dim=int(model_config.embedding_dim), width=float(model_config.width),
       axis_name=axis_name, dtype=parse_dtype(model_config.dtype),
-      remat=bool(model_config.get("remat", False)), name=name)
+      remat=bool(model_config.get("remat", False)),
+      conv1_weight_grad=conv1_weight_grad(encoder, model_config.get("conv1_weight_grad", "auto")),
+      name=name)
+
+
+CONV1_WEIGHT_GRADS = ("auto",) + WEIGHT_GRADS
+
+
+def conv1_weight_grad(encoder: str, choice: str, backend: Optional[str] = None) -> str:
+  """How the input conv's kernel derivative is computed: "xla" or "patches" (`patch_conv`).
+
+  "auto" picks "patches" only for alexnet_half (11x11 stride-4 conv1) on a CPU backend, the
+  one case measured faster (its backward-filter conv is ~3x slower on XLA:CPU); the stride-1/2
+  input convs of the other encoders, and GPUs/TPUs, keep XLA's.
+  """
+  if choice not in CONV1_WEIGHT_GRADS:
+    raise ValueError(f"model.conv1_weight_grad must be one of {CONV1_WEIGHT_GRADS}, "
+                     f"got {choice!r}")
+  if choice != "auto":
+    return choice
+  backend = backend or jax.default_backend()
+  return "patches" if encoder == "alexnet_half" and backend == "cpu" else "xla"
 
 
 class MultiViewEncoder(nn.Module):

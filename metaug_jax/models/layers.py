@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from metaug_jax.models import patch_conv
+
 Dtype = Any
 Padding = Union[str, int, Sequence[tuple[int, int]]]
 
@@ -60,15 +62,27 @@ def _explicit_padding(padding: Padding) -> Padding:
   return padding
 
 
+WEIGHT_GRADS = ("xla", "patches")
+
+
 def conv(features: int, kernel_size: int, in_features: int, *, strides: int = 1,
          padding: Padding = "SAME", use_bias: bool = False, dtype: Dtype = jnp.float32,
-         name: Optional[str] = None) -> nn.Conv:
-  """A square NHWC nn.Conv initialised like torch.nn.Conv2d (spec A12); no bias by default."""
+         weight_grad: str = "xla", name: Optional[str] = None) -> nn.Conv:
+  """A square NHWC nn.Conv initialised like torch.nn.Conv2d (spec A12); no bias by default.
+
+  weight_grad="patches" computes the kernel's derivative as chunked patch GEMMs
+  (`patch_conv`: faster on CPU for a large-stride input conv); same value, parameters and
+  derivatives as "xla".
+  """
+  if weight_grad not in WEIGHT_GRADS:
+    raise ValueError(f"weight_grad must be one of {WEIGHT_GRADS}, got {weight_grad!r}")
   fan_in = kernel_size * kernel_size * in_features
   return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
                  padding=_explicit_padding(padding), use_bias=use_bias, dtype=dtype,
                  param_dtype=jnp.float32, kernel_init=torch_kernel_init,
-                 bias_init=torch_bias_init(fan_in), name=name)
+                 bias_init=torch_bias_init(fan_in), name=name,
+                 conv_general_dilated=(patch_conv.flax_conv_general_dilated
+                                       if weight_grad == "patches" else None))
 
 
 def batch_norm(train: bool, axis_name: Optional[str] = None, dtype: Dtype = jnp.float32,
@@ -154,11 +168,13 @@ class ConvBNReLU(nn.Module):
   pool_padding: Padding = "VALID"
   axis_name: Optional[str] = None
   dtype: Dtype = jnp.float32
+  weight_grad: str = "xla"   # see `conv`
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = conv(self.features, self.kernel_size, x.shape[-1], strides=self.strides,
-             padding=self.padding, dtype=self.dtype, name="conv")(x)
+             padding=self.padding, dtype=self.dtype, weight_grad=self.weight_grad,
+             name="conv")(x)
     x = batch_norm(train, self.axis_name, self.dtype, name="bn")(x)
     x = nn.relu(x)
     if self.pool is not None:
