@@ -16,7 +16,6 @@ selects for AlexNet-half's conv1 on CPU, and checks its weight gradient against 
 import argparse
 import datetime
 import os
-import platform
 import shlex
 import sys
 import time
@@ -143,8 +142,7 @@ def main(argv=None) -> None:
   meta = {"backend": jax.default_backend(), "jax": jax.__version__, "cores": os.cpu_count(),
           "batch": args.batch, "repeats": args.repeats,
           "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-          "command": shlex.join(["python", "experiments/conv_layers.py"] + sys.argv[1:]),
-          "python": platform.python_version()}
+          "command": shlex.join(["python", "experiments/conv_layers.py"] + sys.argv[1:])}
   peak = matmul_gflops(args.repeats)
   report = render(measure(args.batch, args.repeats, args.chunk), peak, meta)
   print(report)

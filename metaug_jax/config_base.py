@@ -12,6 +12,7 @@ DATASETS = ("digits", "cifar10", "cifar100", "stl10", "tiny_imagenet", "cifar_ar
             "folder", "npz")
 VIEW_KINDS = ("lab", "lab2", "augmented_copies", "simclr")
 ENCODERS = ("digits_conv", "alexnet_small", "alexnet_half", "resnet18")
+CONV1_WEIGHT_GRADS = ("auto", "xla", "patches")  # model.conv1_weight_grad
 
 
 def parse_literal(text: str):

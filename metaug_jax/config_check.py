@@ -26,7 +26,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
   _choice(e, "model.encoder", config.model.encoder, config_base.ENCODERS)
   _choice(e, "model.dtype", config.model.dtype, ("float32", "bfloat16"))
   _choice(e, "model.conv1_weight_grad", config.model.get("conv1_weight_grad", "auto"),
-          ("auto", "xla", "patches"))
+          config_base.CONV1_WEIGHT_GRADS)
   _choice(e, "bank.schedule", config.bank.schedule, ("clean", "code_exact"))
   _choice(e, "metaug.algorithm", config.metaug.algorithm, ("paper", "legacy"))
   _choice(e, "metaug.virtual_step_from", config.metaug.virtual_step_from,

@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from metaug_jax.models.layers import (WEIGHT_GRADS, ConvBNReLU, batch_norm, conv, dense,
-                                      l2_normalize, maybe_remat, output_dtype)
+from metaug_jax import config_base
+from metaug_jax.models.layers import (ConvBNReLU, batch_norm, conv, dense, l2_normalize,
+                                      maybe_remat, output_dtype)
 
 Dtype = Any
 
@@ -253,11 +254,9 @@ def build_encoder(model_config: Any, axis_name: Optional[str] = None,
       embedding_dim=int(model_config.embedding_dim), width=float(model_config.width),
       axis_name=axis_name, dtype=parse_dtype(model_config.dtype),
       remat=bool(model_config.get("remat", False)),
-      conv1_weight_grad=conv1_weight_grad(encoder, model_config.get("conv1_weight_grad", "auto")),
+      conv1_weight_grad=conv1_weight_grad(encoder,
+                                          model_config.get("conv1_weight_grad", "auto")),
       name=name)
-
-
-CONV1_WEIGHT_GRADS = ("auto",) + WEIGHT_GRADS
 
 
 def conv1_weight_grad(encoder: str, choice: str, backend: Optional[str] = None) -> str:
@@ -267,9 +266,9 @@ def conv1_weight_grad(encoder: str, choice: str, backend: Optional[str] = None) 
   one case measured faster (its backward-filter conv is ~3x slower on XLA:CPU); the stride-1/2
   input convs of the other encoders, and GPUs/TPUs, keep XLA's.
   """
-  if choice not in CONV1_WEIGHT_GRADS:
-    raise ValueError(f"model.conv1_weight_grad must be one of {CONV1_WEIGHT_GRADS}, "
-                     f"got {choice!r}")
+  allowed = config_base.CONV1_WEIGHT_GRADS
+  if choice not in allowed:
+    raise ValueError(f"model.conv1_weight_grad must be one of {allowed}, got {choice!r}")
   if choice != "auto":
     return choice
   backend = backend or jax.default_backend()

@@ -2,9 +2,9 @@
 
 Why: on XLA:CPU the weight gradient of a large-stride input conv is slow. AlexNet-half's
 conv1 (11x11, stride 4, 1-3 input channels at 224x224, spec 3.1) runs its backward-filter
-convolution at 9-16 GFLOP/s, against ~50 GFLOP/s for its forward and ~180 for a matmul
-(`experiments/conv_layers.py`). Summed over the three views, it is about a third of a plain
-training step, and MetAug differentiates the encoder three times per step.
+convolution at 11-18 GFLOP/s, against 43-61 GFLOP/s for its forward and ~195 for a matmul
+(`experiments/results/conv_layers_cpu.md`). Summed over the three views, it is about a
+quarter of a plain training step, and MetAug differentiates the encoder three times per step.
 
 How: with blocks of (sh x sw) pixels moved into channels (space-to-depth), a stride-s k x k
 conv is a stride-1 ceil(k/s) x ceil(k/s) conv. Its patches are a few shifted slices, so the
@@ -133,8 +133,8 @@ def flax_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=No
            and preferred_element_type is None
            and _is_nhwc(dimension_numbers, lhs.ndim))
   if not plain:
-    raise ValueError("patch_conv supports 2-D NHWC/HWIO convs with explicit padding and no "
-                     "dilation, groups or preferred_element_type; use the XLA conv "
+    raise ValueError("patch_conv supports 2-D NHWC/HWIO convs with no dilation, groups or "
+                     "preferred_element_type; use the XLA conv "
                      "(model.conv1_weight_grad='xla') for this layer")
   if isinstance(padding, str):
     padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
@@ -142,10 +142,6 @@ def flax_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=No
 
 
 def _is_nhwc(dimension_numbers, ndim: int) -> bool:
-  expected = jax.lax.conv_dimension_numbers((1,) * ndim, (1,) * ndim, _NHWC)
-  if dimension_numbers is None:
-    return False
-  if isinstance(dimension_numbers, tuple) and all(isinstance(d, str) for d in dimension_numbers):
-    dimension_numbers = jax.lax.conv_dimension_numbers((1,) * ndim, (1,) * ndim,
-                                                       dimension_numbers)
-  return tuple(dimension_numbers) == tuple(expected)
+  """Whether lax would read `dimension_numbers` (None, strings or specs) as NHWC/HWIO/NHWC."""
+  specs = lambda dn: jax.lax.conv_dimension_numbers((1,) * ndim, (1,) * ndim, dn)
+  return specs(dimension_numbers) == specs(_NHWC)
