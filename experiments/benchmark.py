@@ -19,7 +19,8 @@ Sections (`--only`, comma-separated; default all):
            meta-gradient as jax.grad of jax.grad instead of forward-over-reverse), 1 device;
   anchor   the paper's setting (three AlexNet-half encoders at 224x224, batch 64, K=1024
            negatives, a bank of N=5000 rows, `metaug.algorithm=paper`) next to the authors'
-           PyTorch numbers on a 2-core machine; also `metaug_fused_remat` (model.remat);
+           PyTorch numbers on a 2-core machine; also `metaug_fused_remat` (model.remat),
+           `metaug_lean` and `metaug_fused_lean` (model.remat and xla_cpu_scheduler=memory);
   scaling  one global batch on 1, 2, 4, 8 devices (simulated CPU devices when there is no
            accelerator: those share the same cores, so this measures overhead, not speed-up);
   parts    where a MetAug step's time goes: the views, Phase A (encoder step objective with
@@ -31,7 +32,10 @@ executable is what runs afterwards, so nothing compiles twice), the median secon
 over `--steps` timed steps after `--warmup` untimed ones (each `jax.block_until_ready`),
 steps/s and images/s, XLA's flop count and `memory_analysis()` (temp / argument bytes of the
 compiled step), `device.memory_stats()` where the backend has it (GPU/TPU), and the worker
-process's peak RSS (`ru_maxrss`) with its RSS before the step was built.
+process's peak RSS (`ru_maxrss`) with its RSS before the step was built. Like the training
+loop (`train.compile_step`), the worker releases freed host memory (`host_memory.release`)
+before and after compiling; `xla_cpu_scheduler` is applied by `train.build_experiment`
+before JAX starts its backend.
 
 The data are synthetic uint8 images of the right shape (no download): 1437 8x8 grey images
 for the digits encoder (the size of the digits training split), 5000 32x32 RGB images
@@ -76,9 +80,13 @@ STEP_VARIANTS = {
     # The fused step with rematerialised conv blocks (memory for compute).
     "metaug_fused_remat": ("metaug", (("metaug.virtual_step_from", "current"),
                                       ("model.remat", True))),
+    # The leanest steps: rematerialised blocks and XLA:CPU's memory-minimising scheduler.
+    "metaug_lean": ("metaug", (("model.remat", True), ("xla_cpu_scheduler", "memory"))),
+    "metaug_fused_lean": ("metaug", (("metaug.virtual_step_from", "current"),
+                                     ("model.remat", True), ("xla_cpu_scheduler", "memory"))),
 }
 STEP_METHODS = ("metaug_oucl_only", "metaug", "metaug_fused", "metaug_double_backward")
-ANCHOR_EXTRA_METHODS = ("metaug_fused_remat",)
+ANCHOR_EXTRA_METHODS = ("metaug_fused_remat", "metaug_lean", "metaug_fused_lean")
 ANCHOR = {"encoder": "alexnet_half", "batch": 64, "negatives": 1024, "bank_rows": 5000}
 
 
@@ -241,17 +249,20 @@ def run_step_setting(setting: Setting) -> dict:
   """Compiles and times the real train step of a setting (kinds steps, anchor, scaling)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from metaug_jax import parallel, train  # pylint: disable=g-import-not-at-top
+  from metaug_jax import host_memory, parallel, train  # pylint: disable=g-import-not-at-top
   config = make_config(setting)
   dataset = synthetic_dataset(setting.encoder)
   exp = train.build_experiment(config, dataset=dataset)
   state = exp.init_state()
   jax.block_until_ready(state)
   batches = [exp.loader.batch_at(s) for s in range(min(setting.warmup + setting.steps, 4))]
-  rss_before = rss_mib()
+  # As train.compile_step: freed host memory released before and after compiling.
   step_fn = parallel.pmap_step(exp.method.train_step, exp.devices)
+  host_memory.release()
+  rss_before = rss_mib()
   lower_s, compile_s, compiled = aot_compile(step_fn, state, batches[0])
   peak_after_compile = peak_rss_mib()
+  host_memory.release()
   first_s, times, cores, (state, metrics) = time_calls(
       compiled, (state, batches), setting.warmup, setting.steps, threaded_state=True)
   metrics = jax.device_get(metrics)
@@ -520,6 +531,8 @@ def _anchor_table(rows) -> list:
       ("metaug_fused", "MetAug, virtual step from the current theta (fused)", "metaug"),
       ("metaug_double_backward", "MetAug (paper step, jax.grad of jax.grad)", "metaug"),
       ("metaug_fused_remat", "MetAug fused, model.remat=True", "metaug"),
+      ("metaug_lean", "MetAug, remat + xla_cpu_scheduler=memory", "metaug"),
+      ("metaug_fused_lean", "MetAug fused, remat + xla_cpu_scheduler=memory", "metaug"),
       ("metaug_oucl_only", "plain 3-view OUCL (metaug_oucl_only)", "metaug_oucl_only")):
     r, p = got.get(method), PAPER[paper_key]
     if r is None:

@@ -37,6 +37,13 @@ def pmap_step(step_fn: Callable, devices: Sequence, donate: bool = True) -> Call
   the later ones and the step is traced once; and jax 0.10.2's multi-process pmap, which would
   otherwise copy a donated un-replicated argument and delete the original while the copy still
   shares its buffers ("Array has been deleted"), takes its no-copy path.
+
+  In one process the step is compiled ahead of time, on its first call or by
+  `step.compile(state, batch)` (which returns the executable); that one executable runs every
+  call, so nothing recompiles and a batch of another shape is an error. Across processes,
+  where a pmap lowers for the global batch but is called with this process's part, it
+  compiles on its first call instead and `step.compile` returns None.
+  `step.lower(state, batch)` gives the lowering.
   """
   several = jax.process_count() > 1  # then pmap spans every process's devices
   mapped = jax.pmap(step_fn, axis_name=AXIS, in_axes=(None, 0), out_axes=(None, None),
@@ -44,11 +51,24 @@ def pmap_step(step_fn: Callable, devices: Sequence, donate: bool = True) -> Call
   local = jax.local_devices() if several else list(devices)
   replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(local), (AXIS,)),
                                           jax.sharding.PartitionSpec())
+  executable = []
+
+  def lower(state, batch):
+    return mapped.lower(jax.device_put(state, replicated), batch)
+
+  def compile_once(state, batch):
+    if several:
+      return None
+    if not executable:
+      executable.append(lower(state, batch).compile())
+    return executable[0]
 
   def step(state, batch):
-    return mapped(jax.device_put(state, replicated), batch)
+    run = mapped if several else compile_once(state, batch)
+    return run(jax.device_put(state, replicated), batch)
 
-  step.lower = lambda state, batch: mapped.lower(jax.device_put(state, replicated), batch)
+  step.lower = lower
+  step.compile = compile_once
   return step
 
 

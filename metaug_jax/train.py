@@ -19,7 +19,7 @@ import ml_collections
 from absl import logging
 
 from metaug_jax import checkpoint as ckpt_lib
-from metaug_jax import config_check, methods, parallel
+from metaug_jax import config_check, host_memory, methods, parallel, xla_runtime
 from metaug_jax.data import loader as loader_lib
 from metaug_jax.data import sources
 from metaug_jax.data import views as views_lib
@@ -58,6 +58,7 @@ class Experiment:
 def build_experiment(config: ml_collections.ConfigDict,
                      dataset: Optional[sources.ImageDataset] = None) -> Experiment:
   """Validates the config and builds data, method and loader (nothing is written)."""
+  xla_runtime.apply_xla_cpu_scheduler(config.get("xla_cpu_scheduler", "concurrency"))
   devices = parallel.local_devices(config.num_devices) if jax.process_count() == 1 \
       else jax.local_devices()
   config_check.validate(config, len(devices), jax.process_count())
@@ -135,7 +136,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  step_fn = parallel.pmap_step(exp.method.train_step, exp.devices)
+  step_fn = compile_step(exp, state)
   monitor = monitor_lib.Monitor.maybe_create(exp, workdir)  # None: disabled or no labels
   writer = MetricWriter(workdir, enabled=is_main)
   host_batches = loader_lib.prefetch(exp.loader.iterate(start), config.data.prefetch)
@@ -194,6 +195,19 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     ckpt.close()
   plots.write_diagnostics(exp, state, workdir)  # PNGs if config.eval.plots; never raises
   return exp, state
+
+
+def compile_step(exp: Experiment, state):
+  """The pmapped train step, compiled ahead of time for `state` and the loader's batches.
+
+  Freed host memory is handed back to the OS before and after compiling, so that the
+  garbage of the init and of the compiler does not add to the training loop's peak RSS.
+  """
+  step_fn = parallel.pmap_step(exp.method.train_step, exp.devices)
+  host_memory.release()
+  step_fn.compile(state, exp.loader.batch_at(0))
+  host_memory.release()
+  return step_fn
 
 
 def _alive(state) -> bool:

@@ -106,7 +106,8 @@ def test_cli_rejects_bad_config_with_one_line_and_writes_nothing(tmp_path):
                        ("--config.optim.lr=-1", "config.optim.lr"),
                        ("--config.batch_size=30", "config.batch_size"),
                        ("--config.model.conv1_weight_grad=fast",
-                        "config.model.conv1_weight_grad")]:
+                        "config.model.conv1_weight_grad"),
+                       ("--config.xla_cpu_scheduler=lean", "config.xla_cpu_scheduler")]:
     extra = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     r = _cli(["--config=configs/digits.py", f"--workdir={workdir}", flag], extra)
     assert r.returncode != 0

@@ -1,0 +1,96 @@
+"""Process-level settings: XLA:CPU's scheduler choice and releasing freed host memory."""
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import weakref
+
+import pytest
+
+from metaug_jax import host_memory, xla_runtime
+from metaug_jax.config_check import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Trains two MetAug steps on digits in a fresh interpreter (JAX's backend not yet started)
+# and prints the compiled step's XLA temp bytes and a checksum of the parameters.
+_PROBE = """
+import json, sys
+sys.path.insert(0, {configs!r})
+import digits
+import jax, numpy as np
+from metaug_jax import train
+c = digits.get_config()
+c.batch_size = 64
+c.xla_cpu_scheduler = {scheduler!r}
+exp = train.build_experiment(c)
+state = exp.init_state()
+step = train.compile_step(exp, state)
+temp = step.compile(state, exp.loader.batch_at(0)).memory_analysis().temp_size_in_bytes
+for s in range(2):
+  state, _ = step(state, exp.loader.batch_at(s))
+leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(jax.device_get(state.params))]
+print("PROBE " + json.dumps({{"temp": temp, "params": [float(np.sum(np.abs(x))) for x in leaves],
+                             "xla_flags": __import__("os").environ.get("XLA_FLAGS", "")}}))
+"""
+
+
+def _probe(scheduler: str) -> dict:
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  code = _PROBE.format(configs=os.path.join(ROOT, "configs"), scheduler=scheduler)
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=600, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("PROBE ")]
+  assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
+  return json.loads(lines[-1][len("PROBE "):])
+
+
+def test_memory_scheduler_trains_the_same_with_less_memory():
+  fast, lean = _probe("concurrency"), _probe("memory")
+  assert xla_runtime.FLAG not in fast["xla_flags"]
+  assert f"--{xla_runtime.FLAG}=false" in lean["xla_flags"]
+  assert lean["params"] == fast["params"]          # the order of operations, not the maths
+  assert lean["temp"] < 0.85 * fast["temp"], (lean["temp"], fast["temp"])
+
+
+def test_scheduler_conflicting_with_xla_flags_is_a_config_error(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", f"--foo=1 --{xla_runtime.FLAG}=false")
+  with pytest.raises(ConfigError, match="config.xla_cpu_scheduler='concurrency'"):
+    xla_runtime.apply_xla_cpu_scheduler("concurrency")
+  xla_runtime.apply_xla_cpu_scheduler("memory")     # agrees: nothing to do
+  monkeypatch.setenv("XLA_FLAGS", f"--{xla_runtime.FLAG}=true")
+  with pytest.raises(ConfigError, match="--config.xla_cpu_scheduler=concurrency"):
+    xla_runtime.apply_xla_cpu_scheduler("memory")
+
+
+def test_memory_scheduler_after_the_backend_started_is_a_config_error(monkeypatch):
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.devices()                                     # this test process's backend is running
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+  with pytest.raises(ConfigError, match="before JAX starts its backend"):
+    xla_runtime.apply_xla_cpu_scheduler("memory")
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
+  xla_runtime.apply_xla_cpu_scheduler("concurrency")  # the default needs nothing
+
+
+def test_release_collects_garbage_cycles():
+  class Node:
+    pass
+
+  gc.disable()
+  try:
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    alive = weakref.ref(a)
+    del a, b
+    assert alive() is not None                      # only a collection frees a cycle
+    trimmed = host_memory.release()
+  finally:
+    gc.enable()
+  assert alive() is None
+  assert isinstance(trimmed, bool)
+  if sys.platform.startswith("linux") and os.path.exists("/lib/x86_64-linux-gnu/libc.so.6"):
+    assert host_memory._MALLOC_TRIM is not None     # pylint: disable=protected-access
