@@ -622,8 +622,9 @@ def render_markdown(results: dict, meta: dict) -> str:
           "lower + compile of the pmapped step. XLA temp/args = `memory_analysis()` of the "
           "compiled step. Peak RSS = `ru_maxrss` of the setting's own process, which includes "
           "the jax runtime, the data and compilation; (+N) = that peak minus the RSS just "
-          "before the step was built (state and data already in memory), i.e. what compiling "
-          "and running the step added. Device peak is n/a on CPU (no `memory_stats()`). "
+          "before the step was compiled (state and data in memory, freed host memory "
+          "released as the training loop does), i.e. what compiling and running the step "
+          "added. Device peak is n/a on CPU (no `memory_stats()`). "
           "`cores used` = the worker's CPU time / wall time over the timed steps: how many of "
           f"the {meta['cpus']} cores the step actually got while sharing the machine.", ""]
   steps_rows = pick("steps", "anchor")
