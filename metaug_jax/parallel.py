@@ -57,14 +57,12 @@ def pmap_step(step_fn: Callable, devices: Sequence, donate: bool = True) -> Call
     return mapped.lower(jax.device_put(state, replicated), batch)
 
   def compile_once(state, batch):
-    if several:
-      return None
-    if not executable:
+    if not several and not executable:
       executable.append(lower(state, batch).compile())
-    return executable[0]
+    return executable[0] if executable else None
 
   def step(state, batch):
-    run = mapped if several else compile_once(state, batch)
+    run = compile_once(state, batch) or mapped
     return run(jax.device_put(state, replicated), batch)
 
   step.lower = lower
