@@ -105,7 +105,14 @@ class Setting:
 
   @property
   def key(self) -> str:
-    return f"{self.kind}:{self.encoder}:{self.method}:b{self.batch}:d{self.num_devices}"
+    """Unique per measurement, overrides included (so --resume never mixes two configs)."""
+    base = f"{self.kind}:{self.encoder}:{self.method}:b{self.batch}:d{self.num_devices}"
+    return base + "".join(f":{k}={v}" for k, v in self.overrides)
+
+  @property
+  def label(self) -> str:
+    """The step's name in the tables: the method, with any config overrides."""
+    return self.method + "".join(f" [{k}={v}]" for k, v in self.overrides)
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self))
@@ -469,6 +476,13 @@ def _f(value, fmt: str = ".3f", missing: str = "–") -> str:
   return missing if value is None else format(value, fmt)
 
 
+def _s(seconds, missing: str = "–") -> str:
+  """Seconds with three decimals, or three significant digits below 0.1 s (accelerators)."""
+  if seconds is None:
+    return missing
+  return format(seconds, ".3f") if seconds >= 0.1 else format(seconds, ".3g")
+
+
 def _table_head(head) -> list:
   """A markdown table's header and separator lines."""
   return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -481,13 +495,13 @@ def _steps_table(rows) -> list:
   lines = _table_head(head)
   for s, r in rows:
     if "error" in r:
-      lines.append(f"| {s.encoder} | | {s.batch} | {s.method} | error: {r['error'][:200]} |")
+      lines.append(f"| {s.encoder} | | {s.batch} | {s.label} | error: {r['error'][:200]} |")
       continue
     dev = r.get("device_memory") or {}
     peak_dev = dev.get("peak_bytes_in_use")
     lines.append("| " + " | ".join([
-        s.encoder, f"{r['input_size']}², {r['views']}", str(s.batch), s.method,
-        _f(r["lower_s"] + r["compile_s"], ".1f"), _f(r["step_s"]), _f(r["steps_per_s"], ".2f"),
+        s.encoder, f"{r['input_size']}², {r['views']}", str(s.batch), s.label,
+        _f(r["lower_s"] + r["compile_s"], ".1f"), _s(r["step_s"]), _f(r["steps_per_s"], ".2f"),
         _f(r["images_per_s"], ".1f"), _f(r.get("cores_used"), ".2f"), _f(r["gflops"], ".1f"),
         _f(r["gflops"] / r["step_s"] if r["gflops"] else None, ".1f"), _f(r["temp_mib"], ".0f"),
         _f(r["argument_mib"], ".0f"),
@@ -500,17 +514,17 @@ def _ratio_table(rows) -> list:
   by = {}
   for s, r in rows:
     if "error" not in r:
-      by.setdefault((s.encoder, s.batch), {})[s.method] = r["step_s"]
+      by.setdefault((s.encoder, s.batch, s.overrides), {})[s.method] = r["step_s"]
   head = ["encoder", "batch", "simclr s", "cmc s", "oucl_only s", "metaug s", "fused s",
           "double-backward s", "**metaug / cmc**", "**fused / cmc**", "double-backward / cmc",
           "metaug / oucl_only", "fused / oucl_only", "oucl_only / cmc"]
   lines = _table_head(head)
   ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "–"
-  for (encoder, batch), t in by.items():
+  for (encoder, batch, overrides), t in by.items():
     lines.append("| " + " | ".join([
-        encoder, str(batch), _f(t.get("simclr")), _f(t.get("cmc")),
-        _f(t.get("metaug_oucl_only")), _f(t.get("metaug")), _f(t.get("metaug_fused")),
-        _f(t.get("metaug_double_backward")),
+        encoder + "".join(f" [{k}={v}]" for k, v in overrides), str(batch), _s(t.get("simclr")),
+        _s(t.get("cmc")), _s(t.get("metaug_oucl_only")), _s(t.get("metaug")),
+        _s(t.get("metaug_fused")), _s(t.get("metaug_double_backward")),
         "**" + ratio(t.get("metaug"), t.get("cmc")) + "**",
         "**" + ratio(t.get("metaug_fused"), t.get("cmc")) + "**",
         ratio(t.get("metaug_double_backward"), t.get("cmc")),
@@ -541,7 +555,7 @@ def _anchor_table(rows) -> list:
       continue
     rss = r["peak_rss_mib"] / 1024
     lines.append("| " + " | ".join([
-        label, _f(r["step_s"], ".2f"), _f(r["images_per_s"], ".2f"), _f(rss, ".2f"),
+        label, _s(r["step_s"]), _f(r["images_per_s"], ".2f"), _f(rss, ".2f"),
         str(p["s_per_step"]), str(p["images_per_s"]), f"~{p['peak_rss_gib']}",
         f"**{r['images_per_s'] / p['images_per_s']:.2f}x**",
         f"**{rss / p['peak_rss_gib']:.2f}x**"]) + " |")
@@ -552,7 +566,7 @@ def _anchor_table(rows) -> list:
       lines.append(f"| {method} / OUCL step time | **{ours:.2f}x** | | | {PAPER['ratio']}x "
                    f"(stated; {theirs_implied:.2f}x from their s / step) | | | | |")
   if "cmc" in got:
-    lines.append(f"| (cmc, 3 views, InfoNCE) | {got['cmc']['step_s']:.2f} | "
+    lines.append(f"| (cmc, 3 views, InfoNCE) | {_s(got['cmc']['step_s'])} | "
                  f"{got['cmc']['images_per_s']:.2f} | {got['cmc']['peak_rss_mib'] / 1024:.2f} "
                  f"| | | | | |")
   return lines
@@ -573,8 +587,8 @@ def _scaling_table(rows) -> list:
       continue
     eff = r["images_per_s"] / base[s.method] / s.num_devices if s.method in base else None
     lines.append("| " + " | ".join([
-        s.method, s.encoder, str(s.batch), str(s.num_devices), "yes" if s.simulated else "no",
-        _f(r["step_s"]), _f(r["images_per_s"], ".1f"), _f(eff, ".2f"),
+        s.label, s.encoder, str(s.batch), str(s.num_devices), "yes" if s.simulated else "no",
+        _s(r["step_s"]), _f(r["images_per_s"], ".1f"), _f(eff, ".2f"),
         _f(r.get("cores_used"), ".2f"), _f(r["lower_s"] + r["compile_s"], ".1f"),
         _f(r["peak_rss_mib"], ".0f")]) + " |")
   return lines
@@ -592,7 +606,7 @@ def _parts_table(rows) -> list:
     for name in ("views", "phase_a", "phase_b", "full_step"):
       p = r["parts"][name]
       lines.append("| " + " | ".join([
-          s.encoder, str(s.batch), name, _f(p["step_s"]), f"{p['step_s'] / full:.0%}",
+          s.encoder, str(s.batch), name, _s(p["step_s"]), f"{p['step_s'] / full:.0%}",
           _f(p.get("gflops"), ".1f"), _f(p.get("temp_mib"), ".0f"),
           _f(p.get("cores_used"), ".2f"), _f(p["compile_s"], ".1f")]) + " |")
   return lines
@@ -607,8 +621,9 @@ def render_markdown(results: dict, meta: dict) -> str:
          "Command (one run; every setting in its own subprocess):", "",
          f"```\n{meta['command']}\n```", "",
          f"jax {meta['platform']['jax']}, {meta['cpus']} CPU cores, python "
-         f"{platform.python_version()}; started {meta['started']}, took "
-         f"{meta.get('wall_min', 0):.0f} min.", "",
+         f"{meta.get('python', platform.python_version())}; started {meta['started']}, took "
+         f"{meta.get('wall_min', 0):.0f} min." + (f" {meta['note']}" if meta.get("note") else ""),
+         "",
          "Machine load (the CPU is shared; timings are only as steady as this):", ""]
   for when in ("load_start", "load_end"):
     load = meta.get(when)
@@ -640,14 +655,23 @@ def render_markdown(results: dict, meta: dict) -> str:
   anchor = pick("anchor")
   if anchor:
     n = {s.method: s.steps for s, _ in anchor}
+    on_cpu = meta["platform"]["platform"] == "cpu"
+    overrides = sorted({f"{k}={v}" for s, _ in anchor for k, v in s.overrides})
     out += ["## PAPER ANCHOR", "",
             f"Three AlexNet-half encoders (L, ab, Lab) at 224x224, batch "
             f"{ANCHOR['batch']}, K={ANCHOR['negatives']} negatives, bank N="
             f"{ANCHOR['bank_rows']} rows (5000 synthetic 32x32x3 images upsampled to 224 by "
-            f"the views), `metaug.algorithm=paper`, 1 device. Measured with 1 warm-up step "
-            f"and {max(n.values())} timed steps only (minutes per step on this CPU). The "
-            "authors' numbers are their PyTorch code on a 2-core CPU machine; ratios > 1 mean "
-            "ours is faster (images/s) or uses more memory (RSS).", "",
+            f"the views), `metaug.algorithm=paper`, 1 device"
+            + (f", with {', '.join(f'`{o}`' for o in overrides)}" if overrides else "")
+            + f". Measured with 1 warm-up step and {max(n.values())} timed steps"
+            + (" only (minutes per step on this CPU)" if on_cpu else "")
+            + ". The authors' numbers are their PyTorch code on a 2-core CPU machine; ratios "
+            "> 1 mean ours is faster (images/s) or uses more memory (RSS)."
+            + ("" if on_cpu else
+               f" Here ours ran on {meta['platform']['kind']}, so the 'ours / authors' "
+               "columns compare hardware as much as code: the like-for-like comparison is "
+               "`experiments/results/benchmark_cpu.md`. The step-time ratios (MetAug / OUCL) "
+               "compare like with like on any device."), "",
             *_anchor_table(anchor), ""]
   scaling = pick("scaling")
   if scaling:
@@ -710,7 +734,8 @@ def main(argv=None) -> None:
   start = time.time()
   meta = {"command": "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(),
-          "platform": probe_platform(), "load_start": machine_load()}
+          "python": platform.python_version(), "platform": probe_platform(),
+          "load_start": machine_load()}
   batches = {}
   for part in filter(None, args.batches.split(";")):
     name, values = part.split("=")
