@@ -641,7 +641,12 @@ def render_markdown(results: dict, meta: dict) -> str:
           "released as the training loop does), i.e. what compiling and running the step "
           "added. Device peak is n/a on CPU (no `memory_stats()`). "
           "`cores used` = the worker's CPU time / wall time over the timed steps: how many of "
-          f"the {meta['cpus']} cores the step actually got while sharing the machine.", ""]
+          f"the {meta['cpus']} cores the step actually got while sharing the machine. GFLOP = "
+          "XLA's `cost_analysis()` of the compiled step"
+          + ("." if meta["platform"]["platform"] == "cpu" else
+             "; on GPU it counts far fewer FLOP than XLA:CPU does for the same step (16 "
+             "against 287 GFLOP for the paper's cmc step), so it leaves work out there: GFLOP "
+             "and GFLOP/s on this device are not comparable with the CPU tables."), ""]
   steps_rows = pick("steps", "anchor")
   if steps_rows:
     out += ["## Step time and memory", "", *_steps_table(steps_rows), "",
