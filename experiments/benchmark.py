@@ -20,7 +20,9 @@ Sections (`--only`, comma-separated; default all):
   anchor   the paper's setting (three AlexNet-half encoders at 224x224, batch 64, K=1024
            negatives, a bank of N=5000 rows, `metaug.algorithm=paper`) next to the authors'
            PyTorch numbers on a 2-core machine; also `metaug_fused_remat` (model.remat),
-           `metaug_lean` and `metaug_fused_lean` (model.remat and xla_cpu_scheduler=memory);
+           `metaug_lean` and `metaug_fused_lean` (model.remat and xla_cpu_scheduler=memory),
+           and `metaug_fused_lean_nocse` (the same with xla_cse=False, so that XLA:CPU keeps
+           the rematerialisation);
   scaling  one global batch on 1, 2, 4, 8 devices (simulated CPU devices when there is no
            accelerator: those share the same cores, so this measures overhead, not speed-up);
   parts    where a MetAug step's time goes: the views, Phase A (encoder step objective with
@@ -84,9 +86,14 @@ STEP_VARIANTS = {
     "metaug_lean": ("metaug", (("model.remat", True), ("xla_cpu_scheduler", "memory"))),
     "metaug_fused_lean": ("metaug", (("metaug.virtual_step_from", "current"),
                                      ("model.remat", True), ("xla_cpu_scheduler", "memory"))),
+    # ... and without XLA's CSE pass, which on CPU merges the recomputation into the forward.
+    "metaug_fused_lean_nocse": ("metaug", (("metaug.virtual_step_from", "current"),
+                                           ("model.remat", True),
+                                           ("xla_cpu_scheduler", "memory"), ("xla_cse", False))),
 }
 STEP_METHODS = ("metaug_oucl_only", "metaug", "metaug_fused", "metaug_double_backward")
-ANCHOR_EXTRA_METHODS = ("metaug_fused_remat", "metaug_lean", "metaug_fused_lean")
+ANCHOR_EXTRA_METHODS = ("metaug_fused_remat", "metaug_lean", "metaug_fused_lean",
+                        "metaug_fused_lean_nocse")
 ANCHOR = {"encoder": "alexnet_half", "batch": 64, "negatives": 1024, "bank_rows": 5000}
 
 
@@ -547,6 +554,8 @@ def _anchor_table(rows) -> list:
       ("metaug_fused_remat", "MetAug fused, model.remat=True", "metaug"),
       ("metaug_lean", "MetAug, remat + xla_cpu_scheduler=memory", "metaug"),
       ("metaug_fused_lean", "MetAug fused, remat + xla_cpu_scheduler=memory", "metaug"),
+      ("metaug_fused_lean_nocse", "MetAug fused, remat + xla_cpu_scheduler=memory + "
+       "xla_cse=False", "metaug"),
       ("metaug_oucl_only", "plain 3-view OUCL (metaug_oucl_only)", "metaug_oucl_only")):
     r, p = got.get(method), PAPER[paper_key]
     if r is None:

@@ -72,6 +72,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # "memory" (its memory-minimising scheduler: ~25% less step memory, ~7% slower; with
   # model.remat the leanest MetAug step). Other backends ignore it.
   c.xla_cpu_scheduler = "concurrency"
+  # XLA's common-subexpression elimination. False keeps model.remat's recomputation on CPU,
+  # where XLA otherwise merges it back into the forward pass (metaug_jax/xla_runtime.py): with
+  # model.remat and the memory scheduler, the leanest step (slower). Set before JAX starts.
+  c.xla_cse = True
 
   # ---- optimisation -----------------------------------------------------------------------
   c.batch_size = 128             # global batch, split over devices

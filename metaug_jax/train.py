@@ -58,7 +58,7 @@ class Experiment:
 def build_experiment(config: ml_collections.ConfigDict,
                      dataset: Optional[sources.ImageDataset] = None) -> Experiment:
   """Validates the config and builds data, method and loader (nothing is written)."""
-  xla_runtime.apply_xla_cpu_scheduler(config.xla_cpu_scheduler)
+  xla_runtime.apply_config(config)
   devices = parallel.local_devices(config.num_devices) if jax.process_count() == 1 \
       else jax.local_devices()
   config_check.validate(config, len(devices), jax.process_count())

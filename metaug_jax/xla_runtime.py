@@ -7,6 +7,13 @@ step's XLA temp by about a quarter (1504 -> 1121 MiB with model.remat) for a ste
 (experiments/results/benchmark_cpu.md). XLA reads this once, from XLA_FLAGS, when the CPU
 backend starts; a per-compilation option is accepted but has no effect (checked with
 jax 0.10.2), hence this module.
+
+`config.xla_cse=False` turns off XLA's common-subexpression elimination pass ("cse"). XLA:CPU
+drops the optimisation barriers that `jax.checkpoint` puts around a recomputation before its
+last CSE pass, which then merges the recomputed forward back into the original one: the
+forward activations stay alive and `model.remat` saves much less than it should. Without
+CSE the recomputation stays (anchor: fused + remat + memory scheduler, XLA temp 1121 -> 863
+MiB). Other backends keep the barriers to the end, so there it only costs speed.
 """
 
 import os
@@ -18,6 +25,8 @@ from metaug_jax.config_check import ConfigError
 
 FLAG = "xla_cpu_enable_concurrency_optimized_scheduler"
 SCHEDULER_FLAG_VALUE = {"concurrency": "true", "memory": "false"}
+DISABLE_PASSES_FLAG = "xla_disable_hlo_passes"
+CSE_PASS = "cse"
 
 
 def _flag_in_environment():
@@ -27,6 +36,18 @@ def _flag_in_environment():
     return None
   value = (found[-1] or "true").lower()
   return {"1": "true", "0": "false"}.get(value, value)
+
+
+def _disabled_passes() -> list:
+  """The HLO passes XLA_FLAGS disables (`--xla_disable_hlo_passes=a,b`; the last one wins)."""
+  found = re.findall(rf"--{DISABLE_PASSES_FLAG}=(\S*)", os.environ.get("XLA_FLAGS", ""))
+  return [p for p in found[-1].split(",") if p] if found else []
+
+
+def _too_late(setting: str, flag: str) -> ConfigError:
+  return ConfigError(
+      f"config.{setting} must be chosen before JAX starts its backend: use the command line, "
+      f"or set the environment variable XLA_FLAGS={flag} before the first JAX computation.")
 
 
 def apply_xla_cpu_scheduler(scheduler: str) -> None:
@@ -48,8 +69,33 @@ def apply_xla_cpu_scheduler(scheduler: str) -> None:
   if current == wanted or scheduler == "concurrency":
     return
   if xla_bridge.backends_are_initialized():
-    raise ConfigError(
-        "config.xla_cpu_scheduler='memory' must be chosen before JAX starts its backend: use "
-        "the command line, or set the environment variable "
-        f"XLA_FLAGS=--{FLAG}=false before the first JAX computation.")
+    raise _too_late("xla_cpu_scheduler='memory'", f"--{FLAG}=false")
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --{FLAG}=false".strip()
+
+
+def apply_xla_cse(enabled: bool) -> None:
+  """Disables XLA's CSE pass through XLA_FLAGS when `enabled` is False (before the backend).
+
+  True (XLA's default) needs nothing, unless XLA_FLAGS already disables the pass: that
+  disagreement is an error, as is asking for False after the backend started.
+  """
+  disabled = _disabled_passes()
+  if enabled:
+    if CSE_PASS in disabled:
+      raise ConfigError(
+          f"config.xla_cse=True but XLA_FLAGS disables the '{CSE_PASS}' pass "
+          f"(--{DISABLE_PASSES_FLAG}); remove it or pass --config.xla_cse=False.")
+    return
+  if CSE_PASS in disabled:
+    return
+  if xla_bridge.backends_are_initialized():
+    raise _too_late("xla_cse=False", f"--{DISABLE_PASSES_FLAG}={CSE_PASS}")
+  flags = re.sub(rf"\s*--{DISABLE_PASSES_FLAG}=\S*", "", os.environ.get("XLA_FLAGS", ""))
+  passes = ",".join(disabled + [CSE_PASS])
+  os.environ["XLA_FLAGS"] = f"{flags} --{DISABLE_PASSES_FLAG}={passes}".strip()
+
+
+def apply_config(config) -> None:
+  """Applies every process-level XLA setting of `config` (call before any JAX computation)."""
+  apply_xla_cpu_scheduler(config.xla_cpu_scheduler)
+  apply_xla_cse(config.xla_cse)

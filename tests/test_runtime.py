@@ -1,4 +1,4 @@
-"""Process-level settings: XLA:CPU's scheduler choice and releasing freed host memory."""
+"""Process-level settings: XLA:CPU's scheduler, XLA's CSE pass, releasing freed host memory."""
 
 import gc
 import json
@@ -7,6 +7,7 @@ import subprocess
 import sys
 import weakref
 
+import numpy as np
 import pytest
 
 from metaug_jax import host_memory, xla_runtime
@@ -25,6 +26,8 @@ from metaug_jax import train
 c = digits.get_config()
 c.batch_size = 64
 c.xla_cpu_scheduler = {scheduler!r}
+c.xla_cse = {cse!r}
+c.model.remat = {remat!r}
 exp = train.build_experiment(c)
 state = exp.init_state()
 step = train.compile_step(exp, state)
@@ -37,10 +40,11 @@ print("PROBE " + json.dumps({{"temp": temp, "params": [float(np.sum(np.abs(x))) 
 """
 
 
-def _probe(scheduler: str) -> dict:
+def _probe(scheduler: str, cse: bool = True, remat: bool = False) -> dict:
   env = dict(os.environ, PYTHONPATH=ROOT)
   env.pop("XLA_FLAGS", None)
-  code = _PROBE.format(configs=os.path.join(ROOT, "configs"), scheduler=scheduler)
+  code = _PROBE.format(configs=os.path.join(ROOT, "configs"), scheduler=scheduler, cse=cse,
+                       remat=remat)
   proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                         timeout=600, check=False)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("PROBE ")]
@@ -74,6 +78,33 @@ def test_memory_scheduler_after_the_backend_started_is_a_config_error(monkeypatc
     xla_runtime.apply_xla_cpu_scheduler("memory")
   assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
   xla_runtime.apply_xla_cpu_scheduler("concurrency")  # the default needs nothing
+
+
+def test_without_cse_remat_trains_the_same_with_less_memory():
+  """XLA:CPU's CSE merges model.remat's recomputation into the forward; without it remat works."""
+  merged = _probe("memory", cse=True, remat=True)
+  rematted = _probe("memory", cse=False, remat=True)
+  assert "--xla_disable_hlo_passes=cse" in rematted["xla_flags"]
+  assert "xla_disable_hlo_passes" not in merged["xla_flags"]
+  np.testing.assert_allclose(rematted["params"], merged["params"], rtol=1e-6)
+  assert rematted["temp"] < 0.9 * merged["temp"], (rematted["temp"], merged["temp"])
+
+
+def test_cse_setting_merges_with_xla_flags_and_reports_conflicts(monkeypatch):
+  monkeypatch.setattr(xla_runtime.xla_bridge, "backends_are_initialized", lambda: False)
+  monkeypatch.setenv("XLA_FLAGS", "--foo=1 --xla_disable_hlo_passes=fusion")
+  xla_runtime.apply_xla_cse(True)                   # CSE is not among the disabled passes
+  xla_runtime.apply_xla_cse(False)
+  assert os.environ["XLA_FLAGS"] == "--foo=1 --xla_disable_hlo_passes=fusion,cse"
+  xla_runtime.apply_xla_cse(False)                  # already disabled: unchanged
+  assert os.environ["XLA_FLAGS"] == "--foo=1 --xla_disable_hlo_passes=fusion,cse"
+  with pytest.raises(ConfigError, match="--config.xla_cse=False"):
+    xla_runtime.apply_xla_cse(True)
+  monkeypatch.setattr(xla_runtime.xla_bridge, "backends_are_initialized", lambda: True)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  with pytest.raises(ConfigError, match="xla_cse=False must be chosen before JAX starts"):
+    xla_runtime.apply_xla_cse(False)
+  assert os.environ["XLA_FLAGS"] == ""
 
 
 def test_release_collects_garbage_cycles():
