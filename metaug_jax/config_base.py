@@ -70,7 +70,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # How XLA:CPU orders the step's operations: "concurrency" (its default, fastest) or
   # "memory" (its memory-minimising scheduler: ~25% less step memory, ~7% slower; with
-  # model.remat the leanest MetAug step). Other backends ignore it.
+  # model.remat and xla_cse=False the leanest MetAug step). Other backends ignore it.
   c.xla_cpu_scheduler = "concurrency"
   # XLA's common-subexpression elimination. False keeps model.remat's recomputation on CPU,
   # where XLA otherwise merges it back into the forward pass (metaug_jax/xla_runtime.py): with
