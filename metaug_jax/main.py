@@ -23,10 +23,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
-  from metaug_jax import parallel, train  # after flag parsing: jax starts up here
-  parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                        _PROCESS_ID.value)
+  # pylint: disable-next=g-import-not-at-top
+  from metaug_jax import parallel, train, xla_runtime  # after flag parsing: jax starts up here
   with cli.user_errors_as_messages():
+    # XLA reads these from XLA_FLAGS when its backend starts, which a multi-process run's
+    # set-up below already does.
+    xla_runtime.apply_config(_CONFIG.value)
+    parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                          _PROCESS_ID.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 import weakref
 
 import numpy as np
@@ -105,6 +106,26 @@ def test_cse_setting_merges_with_xla_flags_and_reports_conflicts(monkeypatch):
   with pytest.raises(ConfigError, match="xla_cse=False must be chosen before JAX starts"):
     xla_runtime.apply_xla_cse(False)
   assert os.environ["XLA_FLAGS"] == ""
+
+
+def test_cli_sets_xla_flags_before_a_multi_process_run_starts_the_backend(monkeypatch):
+  """main applies config.xla_* before jax.distributed (whose set-up starts the backend)."""
+  from metaug_jax import main as main_lib, parallel, train  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  import digits  # pylint: disable=g-import-not-at-top
+  config = digits.get_config("tiny")
+  config.xla_cse, config.xla_cpu_scheduler = False, "memory"
+  seen = {}
+  monkeypatch.setattr(main_lib, "_CONFIG", types.SimpleNamespace(value=config))
+  monkeypatch.setattr(main_lib, "_WORKDIR", types.SimpleNamespace(value="unused"))
+  monkeypatch.setattr(parallel, "maybe_initialize_distributed",
+                      lambda *args: seen.setdefault("at_start", os.environ["XLA_FLAGS"]))
+  monkeypatch.setattr(train, "train_and_evaluate", lambda *args: seen.setdefault("trained", 1))
+  monkeypatch.setattr(xla_runtime.xla_bridge, "backends_are_initialized", lambda: False)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+  main_lib.main(["main"])
+  assert "--xla_disable_hlo_passes=cse" in seen["at_start"]
+  assert f"--{xla_runtime.FLAG}=false" in seen["at_start"] and seen["trained"] == 1
 
 
 def test_release_collects_garbage_cycles():
