@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 import weakref
 
 import numpy as np
@@ -108,24 +107,39 @@ def test_cse_setting_merges_with_xla_flags_and_reports_conflicts(monkeypatch):
   assert os.environ["XLA_FLAGS"] == ""
 
 
-def test_cli_sets_xla_flags_before_a_multi_process_run_starts_the_backend(monkeypatch):
+# Runs main() with the multi-process set-up and training replaced by recorders, in a fresh
+# interpreter (main and eval define the same absl flag, so they cannot share one process).
+_MAIN_ORDER_PROBE = """
+import json, os, sys, types
+sys.path.insert(0, {configs!r})
+import digits
+from absl import flags
+from metaug_jax import main as main_lib, parallel, train
+flags.FLAGS.mark_as_parsed()
+config = digits.get_config("tiny")
+config.xla_cse, config.xla_cpu_scheduler = False, "memory"
+seen = {{}}
+main_lib._CONFIG = types.SimpleNamespace(value=config)
+main_lib._WORKDIR = types.SimpleNamespace(value="unused")
+parallel.maybe_initialize_distributed = (
+    lambda *args: seen.setdefault("at_start", os.environ.get("XLA_FLAGS", "")))
+train.train_and_evaluate = lambda *args: seen.setdefault("trained", True)
+main_lib.main(["main"])
+print("PROBE " + json.dumps(seen))
+"""
+
+
+def test_cli_sets_xla_flags_before_a_multi_process_run_starts_the_backend():
   """main applies config.xla_* before jax.distributed (whose set-up starts the backend)."""
-  from metaug_jax import main as main_lib, parallel, train  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
-  import digits  # pylint: disable=g-import-not-at-top
-  config = digits.get_config("tiny")
-  config.xla_cse, config.xla_cpu_scheduler = False, "memory"
-  seen = {}
-  monkeypatch.setattr(main_lib, "_CONFIG", types.SimpleNamespace(value=config))
-  monkeypatch.setattr(main_lib, "_WORKDIR", types.SimpleNamespace(value="unused"))
-  monkeypatch.setattr(parallel, "maybe_initialize_distributed",
-                      lambda *args: seen.setdefault("at_start", os.environ["XLA_FLAGS"]))
-  monkeypatch.setattr(train, "train_and_evaluate", lambda *args: seen.setdefault("trained", 1))
-  monkeypatch.setattr(xla_runtime.xla_bridge, "backends_are_initialized", lambda: False)
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-  main_lib.main(["main"])
-  assert "--xla_disable_hlo_passes=cse" in seen["at_start"]
-  assert f"--{xla_runtime.FLAG}=false" in seen["at_start"] and seen["trained"] == 1
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  code = _MAIN_ORDER_PROBE.format(configs=os.path.join(ROOT, "configs"))
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=300, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("PROBE ")]
+  assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
+  seen = json.loads(lines[-1][len("PROBE "):])
+  assert "--xla_disable_hlo_passes=cse" in seen["at_start"], seen
+  assert f"--{xla_runtime.FLAG}=false" in seen["at_start"] and seen["trained"], seen
 
 
 def test_release_collects_garbage_cycles():
