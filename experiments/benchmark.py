@@ -119,7 +119,7 @@ class Setting:
   @property
   def label(self) -> str:
     """The step's name in the tables: the method, with any config overrides."""
-    return self.method + "".join(f" [{k}={v}]" for k, v in self.overrides)
+    return self.method + _overrides_suffix(self.overrides)
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self))
@@ -132,6 +132,11 @@ class Setting:
 
 
 # ---- the worker: one setting, in its own process ------------------------------------------
+
+
+def _overrides_suffix(overrides) -> str:
+  """' [key=value]' per config override, for table labels."""
+  return "".join(f" [{k}={v}]" for k, v in overrides)
 
 
 def make_config(setting: Setting):
@@ -529,7 +534,7 @@ def _ratio_table(rows) -> list:
   ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "–"
   for (encoder, batch, overrides), t in by.items():
     lines.append("| " + " | ".join([
-        encoder + "".join(f" [{k}={v}]" for k, v in overrides), str(batch), _s(t.get("simclr")),
+        encoder + _overrides_suffix(overrides), str(batch), _s(t.get("simclr")),
         _s(t.get("cmc")), _s(t.get("metaug_oucl_only")), _s(t.get("metaug")),
         _s(t.get("metaug_fused")), _s(t.get("metaug_double_backward")),
         "**" + ratio(t.get("metaug"), t.get("cmc")) + "**",
@@ -625,6 +630,7 @@ def render_markdown(results: dict, meta: dict) -> str:
   """The whole report: command, machine, then one table per measured section."""
   rows = [(Setting.from_json(v["setting"]), v["result"]) for v in results.values()]
   pick = lambda *kinds: [(s, r) for s, r in rows if s.kind in kinds]
+  on_cpu = meta["platform"]["platform"] == "cpu"
   out = [f"# Step-time benchmark ({meta['platform']['platform']}, "
          f"{meta['platform']['kind']})", "",
          "Command (one run; every setting in its own subprocess):", "",
@@ -652,7 +658,7 @@ def render_markdown(results: dict, meta: dict) -> str:
           "`cores used` = the worker's CPU time / wall time over the timed steps: how many of "
           f"the {meta['cpus']} cores the step actually got while sharing the machine. GFLOP = "
           "XLA's `cost_analysis()` of the compiled step"
-          + ("." if meta["platform"]["platform"] == "cpu" else
+          + ("." if on_cpu else
              "; on GPU it counts far fewer FLOP than XLA:CPU does for the same step (16 "
              "against 287 GFLOP for the paper's cmc step), so it leaves work out there: GFLOP "
              "and GFLOP/s on this device are not comparable with the CPU tables."), ""]
@@ -669,7 +675,6 @@ def render_markdown(results: dict, meta: dict) -> str:
   anchor = pick("anchor")
   if anchor:
     n = {s.method: s.steps for s, _ in anchor}
-    on_cpu = meta["platform"]["platform"] == "cpu"
     overrides = sorted({f"{k}={v}" for s, _ in anchor for k, v in s.overrides})
     out += ["## PAPER ANCHOR", "",
             f"Three AlexNet-half encoders (L, ab, Lab) at 224x224, batch "

@@ -26,8 +26,7 @@ def main(argv):
   # pylint: disable-next=g-import-not-at-top
   from metaug_jax import parallel, train, xla_runtime  # after flag parsing: jax starts up here
   with cli.user_errors_as_messages():
-    # XLA reads these from XLA_FLAGS when its backend starts, which a multi-process run's
-    # set-up below already does.
+    # XLA reads these from XLA_FLAGS when its backend starts: set them before anything can.
     xla_runtime.apply_config(_CONFIG.value)
     parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                           _PROCESS_ID.value)

@@ -13,7 +13,6 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 AXIS = "batch"
 
@@ -102,7 +101,8 @@ def maybe_initialize_distributed(coordinator: Optional[str] = None,
 
   Arguments fall back to METAUG_COORDINATOR / METAUG_NUM_PROCESSES / METAUG_PROCESS_ID; with
   none given and none in the environment, this is a single-process run and nothing happens.
-  On Cloud TPU / Slurm, set METAUG_DISTRIBUTED=auto to let JAX detect everything.
+  On Cloud TPU / Slurm, set METAUG_DISTRIBUTED=auto to let JAX detect everything. It does
+  not start JAX's backend, so process-level XLA settings (xla_runtime) can still follow.
   """
   coordinator = coordinator or os.environ.get("METAUG_COORDINATOR")
   if num_processes is None and os.environ.get("METAUG_NUM_PROCESSES"):
@@ -119,7 +119,3 @@ def maybe_initialize_distributed(coordinator: Optional[str] = None,
   elif coordinator:
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
-  else:
-    return
-  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())

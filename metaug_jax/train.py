@@ -62,6 +62,9 @@ def build_experiment(config: ml_collections.ConfigDict,
   devices = parallel.local_devices(config.num_devices) if jax.process_count() == 1 \
       else jax.local_devices()
   config_check.validate(config, len(devices), jax.process_count())
+  if jax.process_count() > 1:
+    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
   dataset = dataset or sources.load_dataset(config)
   loader = loader_lib.EpochLoader(dataset.pretrain_images, global_batch_size=config.batch_size,
                                   num_devices=len(devices), seed=config.seed,

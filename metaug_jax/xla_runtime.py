@@ -44,10 +44,14 @@ def _disabled_passes() -> list:
   return [p for p in found[-1].split(",") if p] if found else []
 
 
-def _too_late(setting: str, flag: str) -> ConfigError:
-  return ConfigError(
-      f"config.{setting} must be chosen before JAX starts its backend: use the command line, "
-      f"or set the environment variable XLA_FLAGS={flag} before the first JAX computation.")
+def _set_xla_flag(setting: str, flag: str, other_flags: str) -> None:
+  """XLA_FLAGS = other_flags + flag, or ConfigError if JAX's backend has already read them."""
+  if xla_bridge.backends_are_initialized():
+    raise ConfigError(
+        f"config.{setting} must be chosen before JAX starts its backend: use the command "
+        f"line, or set the environment variable XLA_FLAGS={flag} before the first JAX "
+        "computation.")
+  os.environ["XLA_FLAGS"] = f"{other_flags} {flag}".strip()
 
 
 def apply_xla_cpu_scheduler(scheduler: str) -> None:
@@ -68,9 +72,8 @@ def apply_xla_cpu_scheduler(scheduler: str) -> None:
         f"{'memory' if current == 'false' else 'concurrency'}.")
   if current == wanted or scheduler == "concurrency":
     return
-  if xla_bridge.backends_are_initialized():
-    raise _too_late("xla_cpu_scheduler='memory'", f"--{FLAG}=false")
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --{FLAG}=false".strip()
+  _set_xla_flag("xla_cpu_scheduler='memory'", f"--{FLAG}=false",
+                os.environ.get("XLA_FLAGS", ""))
 
 
 def apply_xla_cse(enabled: bool) -> None:
@@ -88,11 +91,9 @@ def apply_xla_cse(enabled: bool) -> None:
     return
   if CSE_PASS in disabled:
     return
-  if xla_bridge.backends_are_initialized():
-    raise _too_late("xla_cse=False", f"--{DISABLE_PASSES_FLAG}={CSE_PASS}")
-  flags = re.sub(rf"\s*--{DISABLE_PASSES_FLAG}=\S*", "", os.environ.get("XLA_FLAGS", ""))
-  passes = ",".join(disabled + [CSE_PASS])
-  os.environ["XLA_FLAGS"] = f"{flags} --{DISABLE_PASSES_FLAG}={passes}".strip()
+  others = re.sub(rf"\s*--{DISABLE_PASSES_FLAG}=\S*", "", os.environ.get("XLA_FLAGS", ""))
+  _set_xla_flag("xla_cse=False", f"--{DISABLE_PASSES_FLAG}={','.join(disabled + [CSE_PASS])}",
+                others)
 
 
 def apply_config(config) -> None:
