@@ -133,7 +133,8 @@ def evaluate_workdir(workdir: str, config=None, step: int = 0) -> dict:
         ckpt_lib.check_compatible(saved, config, workdir)
       except ckpt_lib.CheckpointMismatchError as e:
         raise ckpt_lib.CheckpointMismatchError(_one_line_mismatch(e, workdir)) from None
-    exp = train.build_experiment(config)
+    # Orbax has started JAX's backend: too late for (and no need of) training's XLA flags.
+    exp = train.build_experiment(config, apply_xla_settings=False)
     if config.eval.random_init:
       state = exp.init_state()
       title = "linear probe and kNN, randomly initialised encoder"

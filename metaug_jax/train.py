@@ -56,9 +56,16 @@ class Experiment:
 
 
 def build_experiment(config: ml_collections.ConfigDict,
-                     dataset: Optional[sources.ImageDataset] = None) -> Experiment:
-  """Validates the config and builds data, method and loader (nothing is written)."""
-  xla_runtime.apply_config(config)
+                     dataset: Optional[sources.ImageDataset] = None,
+                     apply_xla_settings: bool = True) -> Experiment:
+  """Validates the config and builds data, method and loader (nothing is written).
+
+  With `apply_xla_settings` it first applies the config's process-level XLA settings
+  (`xla_runtime.apply_config`); restore-for-eval turns that off, because reading the
+  checkpoint starts JAX's backend first and those settings only concern training.
+  """
+  if apply_xla_settings:
+    xla_runtime.apply_config(config)
   devices = parallel.local_devices(config.num_devices) if jax.process_count() == 1 \
       else jax.local_devices()
   config_check.validate(config, len(devices), jax.process_count())

@@ -210,6 +210,18 @@ def test_evaluate_workdir_with_a_different_config_is_a_one_line_error(tiny):
   assert "\n" not in str(err.value)
 
 
+def test_evaluate_workdir_leaves_out_training_xla_settings(tiny):
+  """Reading the checkpoint starts JAX's backend, so eval must not apply training's XLA flags
+  (a lean run's xla_cse=False / memory scheduler was a ConfigError here before)."""
+  _, _, workdir = tiny
+  config = digits.get_config("tiny")
+  config.xla_cse, config.xla_cpu_scheduler = False, "memory"
+  flags_before = os.environ.get("XLA_FLAGS")
+  results = eval_lib.evaluate_workdir(workdir, config)
+  assert {"conv", "fc", "knn"} <= set(results)
+  assert os.environ.get("XLA_FLAGS") == flags_before
+
+
 def test_eval_cli_reports_a_config_mismatch_in_one_line(tiny):
   _, _, workdir = tiny
   env = dict(os.environ)
