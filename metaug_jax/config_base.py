@@ -14,6 +14,7 @@ VIEW_KINDS = ("lab", "lab2", "augmented_copies", "simclr")
 ENCODERS = ("digits_conv", "alexnet_small", "alexnet_half", "resnet18")
 CONV1_WEIGHT_GRADS = ("auto", "xla", "patches")  # model.conv1_weight_grad
 XLA_CPU_SCHEDULERS = ("concurrency", "memory")  # xla_cpu_scheduler
+XLA_CPU_CONV_LIBRARIES = ("eigen", "xla_default")  # xla_cpu_conv_library
 
 
 def parse_literal(text: str):
@@ -65,7 +66,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"      # compute dtype: float32 or bfloat16 (params stay float32)
   c.model.remat = False          # rematerialise the conv blocks (memory for compute)
   # The input conv's kernel derivative: "xla", "patches" (chunked patch GEMMs, models/
-  # patch_conv.py) or "auto" (patches for alexnet_half on CPU only, where it is ~3x faster).
+  # patch_conv.py) or "auto" (patches for alexnet_half on CPU with YNNPACK convolutions,
+  # where they are ~2x faster; XLA's own otherwise, see xla_cpu_conv_library).
   c.model.conv1_weight_grad = "auto"
 
   # How XLA:CPU orders the step's operations: "concurrency" (its default, fastest) or
@@ -76,6 +78,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # where XLA otherwise merges it back into the forward pass (metaug_jax/xla_runtime.py): with
   # model.remat and the memory scheduler, the leanest step (slower). Set before JAX starts.
   c.xla_cse = True
+  # XLA:CPU's convolution kernels: "eigen" (XLA's Eigen kernels; their gradients ran ~1.8x
+  # faster than YNNPACK's, the paper's MetAug step ~22% faster) or "xla_default" (what the
+  # installed jaxlib picks: YNNPACK in 0.10-0.11). Set before JAX starts (metaug_jax/
+  # xla_runtime.py); later, a warning and XLA's default. Other backends ignore it.
+  c.xla_cpu_conv_library = "eigen"
 
   # ---- optimisation -----------------------------------------------------------------------
   c.batch_size = 128             # global batch, split over devices

@@ -28,6 +28,8 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
   _choice(e, "model.conv1_weight_grad", config.model.conv1_weight_grad,
           config_base.CONV1_WEIGHT_GRADS)
   _choice(e, "xla_cpu_scheduler", config.xla_cpu_scheduler, config_base.XLA_CPU_SCHEDULERS)
+  _choice(e, "xla_cpu_conv_library", config.xla_cpu_conv_library,
+          config_base.XLA_CPU_CONV_LIBRARIES)
   _choice(e, "bank.schedule", config.bank.schedule, ("clean", "code_exact"))
   _choice(e, "metaug.algorithm", config.metaug.algorithm, ("paper", "legacy"))
   _choice(e, "metaug.virtual_step_from", config.metaug.virtual_step_from,

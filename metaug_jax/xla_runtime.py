@@ -14,11 +14,21 @@ last CSE pass, which then merges the recomputed forward back into the original o
 forward activations stay alive and `model.remat` saves much less than it should. Without
 CSE the recomputation stays (anchor: fused + remat + memory scheduler, XLA temp 1121 -> 863
 MiB). Other backends keep the barriers to the end, so there it only costs speed.
+
+`config.xla_cpu_conv_library="eigen"` (the default) keeps XLA:CPU's convolutions out of
+YNNPACK, which jaxlib 0.10-0.11 use for them by default, so they run on XLA's Eigen kernels.
+On a 2-core AMD EPYC, Eigen's weight and input gradients of AlexNet-half's convs run at
+173-210 GFLOP/s against 83-129 for YNNPACK's (forward passes are on a par), and the paper's
+MetAug step takes ~22% less time (experiments/results/conv_layers_cpu.md, benchmark_cpu.md).
+Only convolutions move; dots and reductions stay where XLA puts them. It is a speed setting
+(results differ at float rounding), so applying it too late is a warning, not an error.
 """
 
 import os
 import re
 
+from absl import logging
+import jax
 from jax._src import xla_bridge
 
 from metaug_jax.config_check import ConfigError
@@ -27,6 +37,9 @@ FLAG = "xla_cpu_enable_concurrency_optimized_scheduler"
 SCHEDULER_FLAG_VALUE = {"concurrency": "true", "memory": "false"}
 DISABLE_PASSES_FLAG = "xla_disable_hlo_passes"
 CSE_PASS = "cse"
+YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
+YNN_CONVOLUTION = "individual_convolution"
+_warned_conv_library_too_late = False
 
 
 def _flag_in_environment():
@@ -96,7 +109,67 @@ def apply_xla_cse(enabled: bool) -> None:
                 others)
 
 
+def _ynn_fusion_types():
+  """The entries XLA_FLAGS gives YNNPACK's fusion types (`--flag=a,-b`; last one wins), or
+  None when XLA_FLAGS leaves them at XLA's default."""
+  found = re.findall(rf"--{YNN_FUSION_FLAG}=(\S*)", os.environ.get("XLA_FLAGS", ""))
+  if not found:
+    return None
+  return [e.strip().lower() for e in found[-1].split(",") if e.strip()]
+
+
+def _names_convolution(entry: str) -> bool:
+  return entry.lstrip("+-").removeprefix("library_fusion_type_") == YNN_CONVOLUTION
+
+
+def cpu_convolutions_use_eigen() -> bool:
+  """Whether XLA_FLAGS keeps XLA:CPU's convolutions off YNNPACK (so on Eigen's kernels).
+
+  Entries that all start with '-' or '+' edit XLA's default list, in which convolutions are
+  (jaxlib 0.10-0.11); any other entry makes the list explicit. An empty list is no YNNPACK.
+  """
+  entries = _ynn_fusion_types()
+  if entries is None:
+    return False
+  if entries and all(e.startswith(("-", "+")) for e in entries):
+    return any(e.startswith("-") and _names_convolution(e) for e in entries)
+  return not any(_names_convolution(e) and not e.startswith("-") for e in entries)
+
+
+def apply_xla_cpu_conv_library(library: str) -> None:
+  """Puts XLA:CPU's convolutions on Eigen's kernels (library "eigen") through XLA_FLAGS.
+
+  "xla_default" leaves XLA's choice alone. For "eigen": nothing to do if XLA_FLAGS already
+  keeps convolutions off YNNPACK; an XLA_FLAGS list that names them is an error that says what
+  to do; once the CPU backend has started, a warning (once per process) says how to get the
+  faster kernels, and the run goes on with XLA's.
+  """
+  global _warned_conv_library_too_late
+  if library != "eigen" or cpu_convolutions_use_eigen():
+    return  # "xla_default", an unknown name (config_check.validate reports it) or done
+  entries = _ynn_fusion_types()
+  if entries and any(_names_convolution(e) and not e.startswith("-") for e in entries):
+    raise ConfigError(
+        f"config.xla_cpu_conv_library='eigen' but XLA_FLAGS gives YNNPACK the convolutions "
+        f"(--{YNN_FUSION_FLAG}={','.join(entries)}); remove '{YNN_CONVOLUTION}' from it or "
+        "pass --config.xla_cpu_conv_library=xla_default.")
+  if xla_bridge.backends_are_initialized():
+    if jax.default_backend() == "cpu" and not _warned_conv_library_too_late:
+      _warned_conv_library_too_late = True
+      logging.warning(
+          "config.xla_cpu_conv_library='eigen' not applied: JAX's backend had already "
+          "started, so XLA:CPU keeps its default convolution kernels (training steps up to "
+          "~25%% slower on CPU). Set XLA_FLAGS=--%s=-%s before the first JAX computation, or "
+          "pass --config.xla_cpu_conv_library=xla_default to silence this.",
+          YNN_FUSION_FLAG, YNN_CONVOLUTION)
+    return
+  others = re.sub(rf"\s*--{YNN_FUSION_FLAG}=\S*", "", os.environ.get("XLA_FLAGS", ""))
+  value = ",".join((entries or []) + [f"-{YNN_CONVOLUTION}"])
+  os.environ["XLA_FLAGS"] = f"{others} --{YNN_FUSION_FLAG}={value}".strip()
+
+
 def apply_config(config) -> None:
   """Applies every process-level XLA setting of `config` (call before any JAX computation)."""
   apply_xla_cpu_scheduler(config.xla_cpu_scheduler)
   apply_xla_cse(config.xla_cse)
+  apply_xla_cpu_conv_library(config.xla_cpu_conv_library)

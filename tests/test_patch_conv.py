@@ -117,10 +117,13 @@ def test_flax_conv_with_patches_has_the_same_params_and_gradients():
                                err_msg=jax.tree_util.keystr(path))
 
 
-def test_auto_uses_patches_only_for_alexnet_half_on_cpu():
-  assert encoders.conv1_weight_grad("alexnet_half", "auto", backend="cpu") == "patches"
-  assert encoders.conv1_weight_grad("alexnet_half", "auto", backend="gpu") == "xla"
-  assert encoders.conv1_weight_grad("resnet18", "auto", backend="cpu") == "xla"
+def test_auto_uses_patches_only_for_alexnet_half_on_cpu_with_ynnpack_convolutions():
+  auto = lambda encoder, backend, eigen: encoders.conv1_weight_grad(
+      encoder, "auto", backend=backend, eigen_convolutions=eigen)
+  assert auto("alexnet_half", "cpu", eigen=False) == "patches"
+  assert auto("alexnet_half", "cpu", eigen=True) == "xla"
+  assert auto("alexnet_half", "gpu", eigen=False) == "xla"
+  assert auto("resnet18", "cpu", eigen=False) == "xla"
   assert encoders.conv1_weight_grad("resnet18", "patches", backend="gpu") == "patches"
   with pytest.raises(ValueError, match="conv1_weight_grad"):
     encoders.conv1_weight_grad("alexnet_half", "fast")

@@ -1,4 +1,5 @@
-"""Process-level settings: XLA:CPU's scheduler, XLA's CSE pass, releasing freed host memory."""
+"""Process-level settings: XLA:CPU's scheduler and conv kernels, XLA's CSE pass, freeing host
+memory."""
 
 import gc
 import json
@@ -18,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Trains two MetAug steps on digits in a fresh interpreter (JAX's backend not yet started)
 # and prints the compiled step's XLA temp bytes and a checksum of the parameters.
 _PROBE = """
-import json, sys
+import json, re, sys
 sys.path.insert(0, {configs!r})
 import digits
 import jax, numpy as np
@@ -28,23 +29,32 @@ c.batch_size = 64
 c.xla_cpu_scheduler = {scheduler!r}
 c.xla_cse = {cse!r}
 c.model.remat = {remat!r}
+c.xla_cpu_conv_library = {conv_library!r}
 exp = train.build_experiment(c)
 state = exp.init_state()
 step = train.compile_step(exp, state)
-temp = step.compile(state, exp.loader.batch_at(0)).memory_analysis().temp_size_in_bytes
+compiled = step.compile(state, exp.loader.batch_at(0))
+temp = compiled.memory_analysis().temp_size_in_bytes
+hlo = compiled.as_text()
+convs = hlo.count(" convolution(")
+bodies = dict(re.findall(r"^%?(\\S+) [^\\n]*\\{{\\n(.*?)\\n\\}}", hlo, re.M | re.S))
+ynn_convs = sum(" convolution(" in bodies.get(name, "") for name in
+                re.findall(r"calls=%?([^,\\s]+)[^\\n]*__ynn_fusion", hlo))
 for s in range(2):
   state, _ = step(state, exp.loader.batch_at(s))
 leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(jax.device_get(state.params))]
 print("PROBE " + json.dumps({{"temp": temp, "params": [float(np.sum(np.abs(x))) for x in leaves],
+                             "convs": convs, "ynn_convs": ynn_convs,
                              "xla_flags": __import__("os").environ.get("XLA_FLAGS", "")}}))
 """
 
 
-def _probe(scheduler: str, cse: bool = True, remat: bool = False) -> dict:
+def _probe(scheduler: str, cse: bool = True, remat: bool = False,
+           conv_library: str = "eigen") -> dict:
   env = dict(os.environ, PYTHONPATH=ROOT)
   env.pop("XLA_FLAGS", None)
   code = _PROBE.format(configs=os.path.join(ROOT, "configs"), scheduler=scheduler, cse=cse,
-                       remat=remat)
+                       remat=remat, conv_library=conv_library)
   proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                         timeout=600, check=False)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("PROBE ")]
@@ -105,6 +115,54 @@ def test_cse_setting_merges_with_xla_flags_and_reports_conflicts(monkeypatch):
   with pytest.raises(ConfigError, match="xla_cse=False must be chosen before JAX starts"):
     xla_runtime.apply_xla_cse(False)
   assert os.environ["XLA_FLAGS"] == ""
+
+
+def test_eigen_conv_library_takes_the_convolutions_off_ynnpack():
+  eigen = _probe("concurrency")                     # the default
+  default = _probe("concurrency", conv_library="xla_default")
+  flag = f"--{xla_runtime.YNN_FUSION_FLAG}=-{xla_runtime.YNN_CONVOLUTION}"
+  assert flag in eigen["xla_flags"] and xla_runtime.YNN_FUSION_FLAG not in default["xla_flags"]
+  assert default["ynn_convs"] > 0, default          # jaxlib 0.10-0.11 give YNNPACK the convs
+  assert eigen["ynn_convs"] == 0 and eigen["convs"] >= default["ynn_convs"], eigen
+  np.testing.assert_allclose(eigen["params"], default["params"], rtol=1e-5)  # same maths
+
+
+def test_conv_library_setting_merges_with_xla_flags_and_reports_conflicts(monkeypatch):
+  flag, conv = xla_runtime.YNN_FUSION_FLAG, xla_runtime.YNN_CONVOLUTION
+  monkeypatch.setattr(xla_runtime.xla_bridge, "backends_are_initialized", lambda: False)
+  monkeypatch.setenv("XLA_FLAGS", f"--foo=1 --{flag}=-individual_dot")
+  assert not xla_runtime.cpu_convolutions_use_eigen()
+  xla_runtime.apply_xla_cpu_conv_library("xla_default")  # XLA's choice: nothing to do
+  assert os.environ["XLA_FLAGS"] == f"--foo=1 --{flag}=-individual_dot"
+  xla_runtime.apply_xla_cpu_conv_library("eigen")
+  assert os.environ["XLA_FLAGS"] == f"--foo=1 --{flag}=-individual_dot,-{conv}"
+  assert xla_runtime.cpu_convolutions_use_eigen()
+  xla_runtime.apply_xla_cpu_conv_library("eigen")   # already so: unchanged
+  assert os.environ["XLA_FLAGS"] == f"--foo=1 --{flag}=-individual_dot,-{conv}"
+  for explicit, eigen in (("", True), ("individual_dot", True),
+                          ("LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION", False)):
+    monkeypatch.setenv("XLA_FLAGS", f"--{flag}={explicit}")
+    assert xla_runtime.cpu_convolutions_use_eigen() == eigen, explicit
+  with pytest.raises(ConfigError, match="--config.xla_cpu_conv_library=xla_default"):
+    xla_runtime.apply_xla_cpu_conv_library("eigen")
+  monkeypatch.setenv("XLA_FLAGS", f"--{flag}=+{conv}")
+  with pytest.raises(ConfigError, match="remove 'individual_convolution'"):
+    xla_runtime.apply_xla_cpu_conv_library("eigen")
+
+
+def test_conv_library_after_the_backend_started_warns_once(monkeypatch):
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.devices()
+  warnings = []
+  monkeypatch.setattr(xla_runtime.logging, "warning", lambda *a: warnings.append(a[0] % a[1:]))
+  monkeypatch.setattr(xla_runtime, "_warned_conv_library_too_late", False)
+  monkeypatch.setattr(xla_runtime.xla_bridge, "backends_are_initialized", lambda: True)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+  xla_runtime.apply_xla_cpu_conv_library("eigen")
+  xla_runtime.apply_xla_cpu_conv_library("eigen")
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
+  assert len(warnings) == 1 and "xla_cpu_conv_library='eigen' not applied" in warnings[0]
+  assert f"XLA_FLAGS=--{xla_runtime.YNN_FUSION_FLAG}=-" in warnings[0]
 
 
 # Runs main() with the multi-process set-up and training replaced by recorders, in a fresh

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from metaug_jax import config_base
+from metaug_jax import config_base, xla_runtime
 from metaug_jax.models.layers import (ConvBNReLU, batch_norm, conv, dense, l2_normalize,
                                       maybe_remat, output_dtype)
 
@@ -259,12 +259,15 @@ def build_encoder(model_config: Any, axis_name: Optional[str] = None,
       name=name)
 
 
-def conv1_weight_grad(encoder: str, choice: str, backend: Optional[str] = None) -> str:
+def conv1_weight_grad(encoder: str, choice: str, backend: Optional[str] = None,
+                      eigen_convolutions: Optional[bool] = None) -> str:
   """How the input conv's kernel derivative is computed: "xla" or "patches" (`patch_conv`).
 
-  "auto" picks "patches" only for alexnet_half (11x11 stride-4 conv1) on a CPU backend, the
-  one case measured faster (its backward-filter conv is ~3x slower on XLA:CPU); the stride-1/2
-  input convs of the other encoders, and GPUs/TPUs, keep XLA's.
+  "auto" picks "patches" only for alexnet_half (11x11 stride-4 conv1) on a CPU backend whose
+  convolutions run on YNNPACK, the one case measured faster (there its backward-filter conv is
+  ~3x slower). XLA:CPU's Eigen kernels (`config.xla_cpu_conv_library`, read from XLA_FLAGS
+  unless `eigen_convolutions` is given) beat the patches, as does XLA on GPUs/TPUs and for
+  the stride-1/2 input convs of the other encoders.
   """
   allowed = config_base.CONV1_WEIGHT_GRADS
   if choice not in allowed:
@@ -272,7 +275,10 @@ def conv1_weight_grad(encoder: str, choice: str, backend: Optional[str] = None) 
   if choice != "auto":
     return choice
   backend = backend or jax.default_backend()
-  return "patches" if encoder == "alexnet_half" and backend == "cpu" else "xla"
+  if eigen_convolutions is None:
+    eigen_convolutions = xla_runtime.cpu_convolutions_use_eigen()
+  use_patches = encoder == "alexnet_half" and backend == "cpu" and not eigen_convolutions
+  return "patches" if use_patches else "xla"
 
 
 class MultiViewEncoder(nn.Module):
