@@ -85,6 +85,26 @@ def test_compose_affine_applies_inner_first():
                              rtol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["nearest", "constant"])
+def test_axis_aligned_sample_equals_affine_sample(mode):
+  """The separable sampler of crops/resizes/flips is the bilinear gather, re-associated."""
+  img = _image(9, 11)
+  rng = np.random.default_rng(1)
+  cases = [(augment.resize_matrix((9, 11), (12, 10)), (12, 10)),
+           (augment.crop_matrix(-2.0, 7.5, 6.0, 8.0, (5, 13), flip=True), (5, 13)),  # 2 edges
+           (augment.crop_matrix(1.25, 0.5, 3.0, 2.0, 7), 7)]                      # up-sampling
+  cases += [(augment.resized_crop_matrix_from_uniforms(
+      rng.uniform(size=5).astype(np.float32), (9, 11), (12, 10), flip=True), (12, 10))
+            for _ in range(4)]
+  sample = jax.jit(augment.axis_aligned_sample, static_argnums=(2, 3))
+  for matrix, out_size in cases:
+    want = np.asarray(augment.affine_sample(img, matrix, out_size, mode=mode))
+    got = np.asarray(sample(img, matrix, out_size, mode))
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+  with pytest.raises(ValueError, match="mode"):
+    augment.axis_aligned_sample(img, cases[0][0], 4, mode="wrap")
+
+
 def test_random_resized_crop_full_scale_is_identity_or_flip():
   img = _image(6, 6)
   seen_flip = seen_plain = False

@@ -59,6 +59,48 @@ def affine_sample(image: jax.Array, matrix: jax.Array, out_size: Union[int, Sequ
   return jax.vmap(sample, in_axes=2, out_axes=2)(image)
 
 
+def _linear_interpolation_weights(coordinates: jax.Array, size: int, mode: str) -> jax.Array:
+  """(len(coordinates), size) weights of 1-D linear interpolation at `coordinates`.
+
+  Row i holds 1 - f and f at floor(c_i) and floor(c_i) + 1 (f = c_i - floor(c_i)); indices
+  beyond the edge are clamped (mode 'nearest') or dropped (mode 'constant', i.e. zero fill),
+  as in `jax.scipy.ndimage.map_coordinates(order=1)`.
+  """
+  lower = jnp.floor(coordinates)
+  upper_weight = coordinates - lower
+  lower = lower.astype(jnp.int32)
+  weights = jnp.zeros((coordinates.shape[0], size), jnp.float32)
+  for index, weight in ((lower, 1.0 - upper_weight), (lower + 1, upper_weight)):
+    if mode == "nearest":
+      index = jnp.clip(index, 0, size - 1)
+    weights = weights + weight[:, None] * jax.nn.one_hot(index, size, dtype=jnp.float32)
+  return weights
+
+
+def axis_aligned_sample(image: jax.Array, matrix: jax.Array,
+                        out_size: Union[int, Sequence[int]], mode: str = "nearest") -> jax.Array:
+  """`affine_sample` for a matrix without rotation or shear (crops, resizes, flips).
+
+  The bilinear sampling then separates into rows and columns: two small matrix products
+  (out x H and out x W interpolation weights) instead of 4 gathers per output pixel and
+  channel, ~10x less time for AlexNet-half's 32 -> 224 views on CPU. Equal to
+  `affine_sample` up to float rounding; the matrix's off-diagonal entries are ignored, so
+  the caller must know they are 0.
+  """
+  chex.assert_rank(image, 3)
+  chex.assert_shape(matrix, (2, 3))
+  if mode not in ("nearest", "constant"):
+    raise ValueError(f"mode must be 'nearest' or 'constant', got {mode!r}")
+  out_h, out_w = _pair(out_size)
+  image = jnp.asarray(image, jnp.float32)
+  matrix = jnp.asarray(matrix, jnp.float32)
+  rows = matrix[0, 0] * jnp.arange(out_h, dtype=jnp.float32) + matrix[0, 2]
+  cols = matrix[1, 1] * jnp.arange(out_w, dtype=jnp.float32) + matrix[1, 2]
+  row_weights = _linear_interpolation_weights(rows, image.shape[0], mode)
+  col_weights = _linear_interpolation_weights(cols, image.shape[1], mode)
+  return jnp.einsum("oh,hwc,pw->opc", row_weights, image, col_weights, precision=_HIGHEST)
+
+
 def identity_matrix() -> jax.Array:
   """The 2x3 affine matrix that samples every output pixel at the same input pixel."""
   return jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], jnp.float32)

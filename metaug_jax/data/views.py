@@ -99,7 +99,7 @@ def _crop(u, image, p: ViewParams):
   """Random resized crop (+flip) of one float image to S x S, from CROP_UNIFORMS uniforms."""
   matrix = augment.resized_crop_matrix_from_uniforms(u, image.shape[:2], p.input_size,
                                                      p.crop_scale, p.crop_ratio, flip=p.flip)
-  return augment.affine_sample(image, matrix, p.input_size)
+  return augment.axis_aligned_sample(image, matrix, p.input_size)
 
 
 def _augmented_copies(key, image, p: ViewParams):
@@ -167,7 +167,7 @@ def _eval_views_one(image_uint8, p: ViewParams):
   """Deterministic views of one image: resized whole to S x S, no crop, no jitter."""
   image = image_uint8.astype(jnp.float32) / 255.0
   matrix = augment.resize_matrix(image.shape[:2], p.input_size)
-  resized = augment.affine_sample(image, matrix, p.input_size)
+  resized = augment.axis_aligned_sample(image, matrix, p.input_size)
   if p.kind in _LAB_KINDS:
     return _split_lab(p.kind, resized)
   return (augment.standardize(resized),) * p.num_views
