@@ -17,12 +17,15 @@ Sections (`--only`, comma-separated; default all):
            step, our default), `metaug_fused` (virtual step from the current weights, so
            Phase A's gradient is the inner one) and `metaug_double_backward` (the
            meta-gradient as jax.grad of jax.grad instead of forward-over-reverse), 1 device;
+           also `cmc_ynnpack` and `metaug_fused_ynnpack`, the same steps with XLA:CPU's
+           convolutions on the jaxlib's default kernels (YNNPACK in jaxlib 0.10-0.11) rather
+           than on Eigen's (`config.xla_cpu_conv_library`, default "eigen");
   anchor   the paper's setting (three AlexNet-half encoders at 224x224, batch 64, K=1024
            negatives, a bank of N=5000 rows, `metaug.algorithm=paper`) next to the authors'
            PyTorch numbers on a 2-core machine; also `metaug_fused_remat` (model.remat),
            `metaug_lean` and `metaug_fused_lean` (model.remat and xla_cpu_scheduler=memory),
-           and `metaug_fused_lean_nocse` (the same with xla_cse=False, so that XLA:CPU keeps
-           the rematerialisation);
+           `metaug_fused_lean_nocse` (the same with xla_cse=False, so that XLA:CPU keeps
+           the rematerialisation), and the `_ynnpack` steps (jaxlib's default conv kernels);
   scaling  one global batch on 1, 2, 4, 8 devices (simulated CPU devices when there is no
            accelerator: those share the same cores, so this measures overhead, not speed-up);
   parts    where a MetAug step's time goes: the views, Phase A (encoder step objective with
@@ -36,8 +39,9 @@ steps/s and images/s, XLA's flop count and `memory_analysis()` (temp / argument 
 compiled step), `device.memory_stats()` where the backend has it (GPU/TPU), and the worker
 process's peak RSS (`ru_maxrss`) with its RSS before the step was built. Like the training
 loop (`train.compile_step`), the worker releases freed host memory (`host_memory.release`)
-before and after compiling; `xla_cpu_scheduler` is applied by `train.build_experiment`
-before JAX starts its backend.
+before and after compiling; the XLA settings (`xla_cpu_scheduler`, `xla_cse`,
+`xla_cpu_conv_library`) are applied by `train.build_experiment` before JAX starts its
+backend, from the setting's config alone (a conv-kernel choice in XLA_FLAGS is dropped).
 
 The data are synthetic uint8 images of the right shape (no download): 1437 8x8 grey images
 for the digits encoder (the size of the digits training split), 5000 32x32 RGB images
@@ -91,9 +95,21 @@ STEP_VARIANTS = {
                                            ("model.remat", True),
                                            ("xla_cpu_scheduler", "memory"), ("xla_cse", False))),
 }
+# The same steps with XLA:CPU's convolutions where the jaxlib puts them (YNNPACK in jaxlib
+# 0.10-0.11) instead of on Eigen's kernels (config.xla_cpu_conv_library, our default "eigen").
+_DEFAULT_CONVS = ("xla_cpu_conv_library", "xla_default")
+STEP_VARIANTS.update({
+    "cmc_ynnpack": ("cmc", (_DEFAULT_CONVS,)),
+    "metaug_oucl_only_ynnpack": ("metaug_oucl_only", (_DEFAULT_CONVS,)),
+    "metaug_ynnpack": ("metaug", (_DEFAULT_CONVS,)),
+    "metaug_fused_ynnpack": ("metaug", (("metaug.virtual_step_from", "current"),
+                                        _DEFAULT_CONVS)),
+})
 STEP_METHODS = ("metaug_oucl_only", "metaug", "metaug_fused", "metaug_double_backward")
+YNNPACK_STEP_METHODS = ("cmc_ynnpack", "metaug_fused_ynnpack")
 ANCHOR_EXTRA_METHODS = ("metaug_fused_remat", "metaug_lean", "metaug_fused_lean",
-                        "metaug_fused_lean_nocse")
+                        "metaug_fused_lean_nocse", "metaug_oucl_only_ynnpack", "metaug_ynnpack",
+                        "metaug_fused_ynnpack", "cmc_ynnpack")
 ANCHOR = {"encoder": "alexnet_half", "batch": 64, "negatives": 1024, "bank_rows": 5000}
 
 
@@ -393,7 +409,7 @@ def plan(sections, encoders, batches, steps: int, warmup: int, anchor_steps: int
       if encoder == ANCHOR["encoder"]:
         continue  # measured once, by the anchor section
       for batch in batches.get(encoder, DEFAULT_BATCHES[encoder]):
-        for method in plain_methods(encoder) + STEP_METHODS:
+        for method in plain_methods(encoder) + STEP_METHODS + YNNPACK_STEP_METHODS:
           todo.append(Setting("steps", encoder, method, batch, warmup=warmup, steps=steps,
                               overrides=overrides))
   if "anchor" in sections or ("steps" in sections and ANCHOR["encoder"] in encoders):
@@ -423,8 +439,9 @@ def worker_env(setting: Setting) -> dict:
   """The environment of a setting's subprocess: its own simulated-device count, or none."""
   env = dict(os.environ)
   env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)  # the tests' speed-up; measure real code
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
+  # The setting's config alone decides the device count and XLA:CPU's conv kernels.
+  dropped = ("--xla_force_host_platform_device_count", "--xla_cpu_experimental_ynn_fusion_type")
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(dropped)]
   if setting.simulated:
     flags.append(f"--xla_force_host_platform_device_count={setting.num_devices}")
     env["JAX_PLATFORMS"] = "cpu"
@@ -529,7 +546,8 @@ def _ratio_table(rows) -> list:
       by.setdefault((s.encoder, s.batch, s.overrides), {})[s.method] = r["step_s"]
   head = ["encoder", "batch", "simclr s", "cmc s", "oucl_only s", "metaug s", "fused s",
           "double-backward s", "**metaug / cmc**", "**fused / cmc**", "double-backward / cmc",
-          "metaug / oucl_only", "fused / oucl_only", "oucl_only / cmc"]
+          "metaug / oucl_only", "fused / oucl_only", "oucl_only / cmc",
+          "cmc: YNNPACK / Eigen convs", "fused: YNNPACK / Eigen convs"]
   lines = _table_head(head)
   ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "–"
   for (encoder, batch, overrides), t in by.items():
@@ -542,7 +560,9 @@ def _ratio_table(rows) -> list:
         ratio(t.get("metaug_double_backward"), t.get("cmc")),
         ratio(t.get("metaug"), t.get("metaug_oucl_only")),
         ratio(t.get("metaug_fused"), t.get("metaug_oucl_only")),
-        ratio(t.get("metaug_oucl_only"), t.get("cmc"))]) + " |")
+        ratio(t.get("metaug_oucl_only"), t.get("cmc")),
+        ratio(t.get("cmc_ynnpack"), t.get("cmc")),
+        ratio(t.get("metaug_fused_ynnpack"), t.get("metaug_fused"))]) + " |")
   return lines
 
 
@@ -561,7 +581,13 @@ def _anchor_table(rows) -> list:
       ("metaug_fused_lean", "MetAug fused, remat + xla_cpu_scheduler=memory", "metaug"),
       ("metaug_fused_lean_nocse", "MetAug fused, remat + xla_cpu_scheduler=memory + "
        "xla_cse=False", "metaug"),
-      ("metaug_oucl_only", "plain 3-view OUCL (metaug_oucl_only)", "metaug_oucl_only")):
+      ("metaug_ynnpack", "MetAug (paper step), convs on the jaxlib's default kernels "
+       "(YNNPACK)", "metaug"),
+      ("metaug_fused_ynnpack", "MetAug fused, convs on the jaxlib's default kernels (YNNPACK)",
+       "metaug"),
+      ("metaug_oucl_only", "plain 3-view OUCL (metaug_oucl_only)", "metaug_oucl_only"),
+      ("metaug_oucl_only_ynnpack", "plain 3-view OUCL, convs on the jaxlib's default kernels "
+       "(YNNPACK)", "metaug_oucl_only")):
     r, p = got.get(method), PAPER[paper_key]
     if r is None:
       lines.append(f"| {label} | not measured | | | {p['s_per_step']} | {p['images_per_s']} "
@@ -575,9 +601,11 @@ def _anchor_table(rows) -> list:
         f"**{rss / p['peak_rss_gib']:.2f}x**"]) + " |")
   theirs_implied = PAPER["metaug"]["s_per_step"] / PAPER["metaug_oucl_only"]["s_per_step"]
   for method in ("metaug",) + tuple(STEP_VARIANTS):
-    if method in got and "metaug_oucl_only" in got:
-      ours = got[method]["step_s"] / got["metaug_oucl_only"]["step_s"]
-      lines.append(f"| {method} / OUCL step time | **{ours:.2f}x** | | | {PAPER['ratio']}x "
+    # A step's own plain OUCL: the one with the same conv kernels.
+    plain = "metaug_oucl_only_ynnpack" if method.endswith("_ynnpack") else "metaug_oucl_only"
+    if method.startswith("metaug") and method != plain and method in got and plain in got:
+      ours = got[method]["step_s"] / got[plain]["step_s"]
+      lines.append(f"| {method} / {plain} step time | **{ours:.2f}x** | | | {PAPER['ratio']}x "
                    f"(stated; {theirs_implied:.2f}x from their s / step) | | | | |")
   if "cmc" in got:
     lines.append(f"| (cmc, 3 views, InfoNCE) | {_s(got['cmc']['step_s'])} | "

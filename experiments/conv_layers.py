@@ -6,26 +6,37 @@ tangent (the MetAug tangent pass: tangents in both the input and the weights), a
 GFLOP/s next to a large matmul, the best this backend does on dense f32 arithmetic. conv1 is
 timed for the three view widths (L: 1, ab: 2, Lab: 3 channels).
 
+It does so once per XLA:CPU convolution library (`config.xla_cpu_conv_library`), each in its
+own subprocess because XLA reads that choice from XLA_FLAGS when its backend starts:
+"eigen" (XLA's Eigen kernels, our default) and "xla_default" (the jaxlib's own choice,
+YNNPACK in jaxlib 0.10-0.11).
+
 For the strided convs it also times the library's `models/patch_conv.py` (the kernel
 derivative as batch-chunked GEMMs of space-to-depth patches), which `model.conv1_weight_grad`
-selects for AlexNet-half's conv1 on CPU, and checks its weight gradient against XLA's.
+selects for AlexNet-half's conv1 on CPU when the convs run on YNNPACK, and checks its weight
+gradient against XLA's.
 
     python experiments/conv_layers.py [--batch=64] [--repeats=5] [--md_out=FILE]
+        [--libraries=eigen,xla_default]
 """
 
 import argparse
 import datetime
+import json
 import os
+import re
 import shlex
+import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from metaug_jax.models import patch_conv  # pylint: disable=g-import-not-at-top
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+RESULT_TAG = "CONV_LAYERS_RESULT "
+LIBRARIES = ("eigen", "xla_default")
+LIBRARY_LABEL = {"eigen": "Eigen (xla_cpu_conv_library=eigen, our default)",
+                 "xla_default": "the jaxlib's default (xla_cpu_conv_library=xla_default: "
+                                "YNNPACK in jaxlib 0.10-0.11)"}
 
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 # (name, input side, input channels, kernel, stride, padding, output channels): spec 3.1.
@@ -41,11 +52,14 @@ LAYERS = (
 
 
 def conv(x, w, stride, pad):
+  import jax  # pylint: disable=g-import-not-at-top  (workers only: after XLA_FLAGS is set)
   return jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
                                       dimension_numbers=DIMENSIONS)
 
 
 def median_ms(fn, *args, repeats: int) -> float:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   fn = jax.jit(fn)
   jax.block_until_ready(fn(*args))
   times = []
@@ -57,11 +71,15 @@ def median_ms(fn, *args, repeats: int) -> float:
 
 
 def matmul_gflops(repeats: int) -> float:
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   a = jnp.ones((2048, 2048), jnp.float32)
   return 2 * 2048 ** 3 / median_ms(jnp.matmul, a, a, repeats=repeats) / 1e6
 
 
 def measure(batch: int, repeats: int, chunk: int) -> list:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from metaug_jax.models import patch_conv  # pylint: disable=g-import-not-at-top
   rows = []
   key = jax.random.PRNGKey(0)
   for name, side, cin, k, s, p, cout in LAYERS:
@@ -99,13 +117,12 @@ def measure(batch: int, repeats: int, chunk: int) -> list:
   return rows
 
 
-def render(rows, peak: float, meta: dict) -> str:
+def _library_section(library: str, result: dict) -> list:
+  rows, peak = result["rows"], result["matmul_gflops"]
   rate = lambda gflop, ms: f"{gflop / ms * 1e3:.0f}"
-  lines = [f"# AlexNet-half conv layers, one pass at a time ({meta['backend']})", "",
-           "Command:", "", "```", meta["command"], "```", "",
-           f"jax {meta['jax']}, {meta['cores']} CPU cores, batch {meta['batch']}, "
-           f"median of {meta['repeats']} calls after one warm-up; {meta['date']}.", "",
-           f"Reference: a 2048x2048 f32 matmul runs at **{peak:.0f} GFLOP/s**.", "",
+  lines = [f"## Convolutions on {LIBRARY_LABEL.get(library, library)}", "",
+           f"XLA_FLAGS: `{result['xla_flags'] or '(none)'}`. Reference: a 2048x2048 f32 matmul "
+           f"runs at **{peak:.0f} GFLOP/s**.", "",
            "| layer | GFLOP / pass | forward ms (GFLOP/s) | weight grad ms (GFLOP/s) | "
            "input grad ms (GFLOP/s) | tangent ms (jvp) | patch_conv: weight grad ms (GFLOP/s, "
            "rel. error) | patch_conv: tangent ms |",
@@ -119,32 +136,95 @@ def render(rows, peak: float, meta: dict) -> str:
                  f"{r['weight_grad']:.1f} ({rate(g, r['weight_grad'])}) | "
                  f"{r['input_grad']:.1f} ({rate(g, r['input_grad'])}) | {r['tangent']:.1f} | "
                  f"{alt} |")
-  per_step = lambda part: (sum(r[part] for r in rows[:3])
-                           + 3 * sum(r[part] for r in rows[3:]))
-  conv1 = lambda part: sum(r[part] for r in rows[:3])
   lines += ["", "One plain step's convs, summed over the three views' encoders (conv1 once "
             "per width, conv2-5 three times; conv1 needs no input gradient): "
-            f"forward {per_step('forward'):.0f} ms, weight gradients "
-            f"{per_step('weight_grad'):.0f} ms, of which conv1 {conv1('weight_grad'):.0f} ms "
-            f"({conv1('patches_weight_grad'):.0f} ms with patch_conv), input gradients "
+            f"forward {_per_step(rows, 'forward'):.0f} ms, weight gradients "
+            f"{_per_step(rows, 'weight_grad'):.0f} ms, of which conv1 "
+            f"{_conv1(rows, 'weight_grad'):.0f} ms ({_conv1(rows, 'patches_weight_grad'):.0f} "
+            "ms with patch_conv), input gradients "
             f"{3 * sum(r['input_grad'] for r in rows[3:]):.0f} ms.", ""]
+  return lines
+
+
+def _per_step(rows, part: str) -> float:
+  return sum(r[part] for r in rows[:3]) + 3 * sum(r[part] for r in rows[3:])
+
+
+def _conv1(rows, part: str) -> float:
+  return sum(r[part] for r in rows[:3])
+
+
+def render(results: dict, meta: dict) -> str:
+  """The report: one table per library, then their totals side by side."""
+  lines = ["# AlexNet-half conv layers, one pass at a time (cpu)", "",
+           "Command:", "", "```", meta["command"], "```", "",
+           f"jax {meta['jax']}, {meta['cores']} CPU cores, batch {meta['batch']}, median of "
+           f"{meta['repeats']} calls after one warm-up, each library in its own process, one "
+           f"after the other; {meta['date']}.", ""]
+  for library, result in results.items():
+    lines += _library_section(library, result)
+  if {"eigen", "xla_default"} <= set(results):
+    eigen, default = results["eigen"]["rows"], results["xla_default"]["rows"]
+    lines += ["## Side by side", "", "| one plain step's convs | Eigen ms | jaxlib default ms "
+              "| default / Eigen |", "|---|---|---|---|"]
+    for part, label in (("forward", "forward"), ("weight_grad", "weight gradients"),
+                        ("input_grad", "input gradients"), ("tangent", "tangents (jvp)")):
+      e, d = _per_step(eigen, part), _per_step(default, part)
+      if part == "input_grad":  # conv1 needs no input gradient
+        e, d = e - _conv1(eigen, part), d - _conv1(default, part)
+      lines.append(f"| {label} | {e:.0f} | {d:.0f} | {d / e:.2f}x |")
+    lines.append("")
   return "\n".join(lines)
+
+
+def worker(library: str, batch: int, repeats: int, chunk: int) -> None:
+  """Measures every layer with `library`'s kernels; prints one tagged JSON line."""
+  from metaug_jax import xla_runtime  # pylint: disable=g-import-not-at-top
+  flags = re.sub(rf"\s*--{xla_runtime.YNN_FUSION_FLAG}=\S*", "",
+                 os.environ.get("XLA_FLAGS", "")).strip()
+  os.environ["XLA_FLAGS"] = flags
+  xla_runtime.apply_xla_cpu_conv_library(library)   # before jax starts its backend
+  import jax  # pylint: disable=g-import-not-at-top
+  assert jax.default_backend() == "cpu", "this table is about XLA:CPU's conv kernels"
+  result = {"rows": measure(batch, repeats, chunk), "matmul_gflops": matmul_gflops(repeats),
+            "xla_flags": os.environ["XLA_FLAGS"], "jax": jax.__version__}
+  print(RESULT_TAG + json.dumps(result), flush=True)
 
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--repeats", type=int, default=5)
+  from metaug_jax.models import patch_conv  # pylint: disable=g-import-not-at-top
   p.add_argument("--chunk", type=int, default=patch_conv.DEFAULT_CHUNK,
                  help="images per GEMM in patch_conv")
+  p.add_argument("--libraries", default=",".join(LIBRARIES),
+                 help=f"comma-separated, from {LIBRARIES}")
   p.add_argument("--md_out", default="")
+  p.add_argument("--worker", default="", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
-  meta = {"backend": jax.default_backend(), "jax": jax.__version__, "cores": os.cpu_count(),
-          "batch": args.batch, "repeats": args.repeats,
+  if args.worker:
+    worker(args.worker, args.batch, args.repeats, args.chunk)
+    return
+  libraries = [l for l in args.libraries.split(",") if l]
+  unknown = sorted(set(libraries) - set(LIBRARIES))
+  if unknown:
+    p.error(f"unknown --libraries {unknown}; choose from {LIBRARIES}")
+  meta = {"cores": os.cpu_count(), "batch": args.batch, "repeats": args.repeats,
           "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
           "command": shlex.join(["python", "experiments/conv_layers.py"] + sys.argv[1:])}
-  peak = matmul_gflops(args.repeats)
-  report = render(measure(args.batch, args.repeats, args.chunk), peak, meta)
+  results = {}
+  for library in libraries:
+    print(f"measuring with {library} ...", file=sys.stderr, flush=True)
+    cmd = [sys.executable, os.path.abspath(__file__), f"--worker={library}",
+           f"--batch={args.batch}", f"--repeats={args.repeats}", f"--chunk={args.chunk}"]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_TAG)]
+    if proc.returncode != 0 or not lines:
+      sys.exit(f"the {library} worker failed (exit code {proc.returncode}); see its stderr")
+    results[library] = json.loads(lines[-1][len(RESULT_TAG):])
+  meta["jax"] = next(iter(results.values()))["jax"]
+  report = render(results, meta)
   print(report)
   if args.md_out:
     with open(args.md_out, "w") as f:
