@@ -75,8 +75,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # model.remat and xla_cse=False the leanest MetAug step). Other backends ignore it.
   c.xla_cpu_scheduler = "concurrency"
   # XLA's common-subexpression elimination. False keeps model.remat's recomputation on CPU,
-  # where XLA otherwise merges it back into the forward pass (metaug_jax/xla_runtime.py): with
-  # model.remat and the memory scheduler, the leanest step (slower). Set before JAX starts.
+  # where jaxlib 0.10's XLA otherwise merges it back into the forward pass (0.11 does not;
+  # metaug_jax/xla_runtime.py): with model.remat and the memory scheduler, the leanest step
+  # (slower). Set before JAX starts.
   c.xla_cse = True
   # XLA:CPU's convolution kernels: "eigen" (XLA's Eigen kernels; their gradients ran ~1.8x
   # faster than YNNPACK's, the paper's MetAug step ~22% faster) or "xla_default" (what the

@@ -13,7 +13,9 @@ drops the optimisation barriers that `jax.checkpoint` puts around a recomputatio
 last CSE pass, which then merges the recomputed forward back into the original one: the
 forward activations stay alive and `model.remat` saves much less than it should. Without
 CSE the recomputation stays (anchor: fused + remat + memory scheduler, XLA temp 1121 -> 863
-MiB). Other backends keep the barriers to the end, so there it only costs speed.
+MiB). Other backends keep the barriers to the end, so there it only costs speed. This is
+jaxlib 0.10's XLA:CPU: jaxlib 0.11 keeps the recomputation with CSE on (checked with 0.11.2,
+tests/test_runtime.py), so there the switch is not needed.
 
 `config.xla_cpu_conv_library="eigen"` (the default) keeps XLA:CPU's convolutions out of
 YNNPACK, which jaxlib 0.10-0.11 use for them by default, so they run on XLA's Eigen kernels.

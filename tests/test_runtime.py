@@ -15,6 +15,8 @@ from metaug_jax import host_memory, xla_runtime
 from metaug_jax.config_check import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Subprocesses find the repository first, then whatever the caller's PYTHONPATH held.
+PYTHONPATH = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
 
 # Trains two MetAug steps on digits in a fresh interpreter (JAX's backend not yet started)
 # and prints the compiled step's XLA temp bytes and a checksum of the parameters.
@@ -51,7 +53,7 @@ print("PROBE " + json.dumps({{"temp": temp, "params": [float(np.sum(np.abs(x))) 
 
 def _probe(scheduler: str, cse: bool = True, remat: bool = False,
            conv_library: str = "eigen") -> dict:
-  env = dict(os.environ, PYTHONPATH=ROOT)
+  env = dict(os.environ, PYTHONPATH=PYTHONPATH)
   env.pop("XLA_FLAGS", None)
   code = _PROBE.format(configs=os.path.join(ROOT, "configs"), scheduler=scheduler, cse=cse,
                        remat=remat, conv_library=conv_library)
@@ -90,14 +92,23 @@ def test_memory_scheduler_after_the_backend_started_is_a_config_error(monkeypatc
   xla_runtime.apply_xla_cpu_scheduler("concurrency")  # the default needs nothing
 
 
-def test_without_cse_remat_trains_the_same_with_less_memory():
-  """XLA:CPU's CSE merges model.remat's recomputation into the forward; without it remat works."""
+def test_without_cse_remat_trains_the_same_and_keeps_its_recomputation():
+  """jaxlib 0.10's XLA:CPU CSE merges model.remat's recomputation back into the forward
+  (fewer convolutions, more memory); without CSE remat works. jaxlib 0.11 keeps it either way
+  (checked with 0.11.2), and turning CSE off must then cost no memory."""
+  import jaxlib  # pylint: disable=import-outside-toplevel
   merged = _probe("memory", cse=True, remat=True)
   rematted = _probe("memory", cse=False, remat=True)
   assert "--xla_disable_hlo_passes=cse" in rematted["xla_flags"]
   assert "xla_disable_hlo_passes" not in merged["xla_flags"]
   np.testing.assert_allclose(rematted["params"], merged["params"], rtol=1e-6)
-  assert rematted["temp"] < 0.9 * merged["temp"], (rematted["temp"], merged["temp"])
+  facts = (merged["convs"], rematted["convs"], merged["temp"], rematted["temp"])
+  if tuple(int(p) for p in jaxlib.__version__.split(".")[:2]) < (0, 11):
+    assert merged["convs"] < rematted["convs"], facts
+    assert rematted["temp"] < 0.9 * merged["temp"], facts
+  else:
+    assert merged["convs"] == rematted["convs"], facts
+    assert rematted["temp"] <= 1.02 * merged["temp"], facts
 
 
 def test_cse_setting_merges_with_xla_flags_and_reports_conflicts(monkeypatch):
@@ -189,7 +200,8 @@ print("PROBE " + json.dumps(seen))
 
 def test_cli_sets_xla_flags_before_a_multi_process_run_starts_the_backend():
   """main applies config.xla_* before jax.distributed (whose set-up starts the backend)."""
-  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, PYTHONPATH=PYTHONPATH,
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
   code = _MAIN_ORDER_PROBE.format(configs=os.path.join(ROOT, "configs"))
   proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                         timeout=300, check=False)
