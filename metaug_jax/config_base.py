@@ -79,8 +79,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # metaug_jax/xla_runtime.py): with model.remat and the memory scheduler, the leanest step
   # (slower). Set before JAX starts.
   c.xla_cse = True
-  # XLA:CPU's convolution kernels: "eigen" (XLA's Eigen kernels; their gradients ran ~1.8x
-  # faster than YNNPACK's, the paper's MetAug step ~22% faster) or "xla_default" (what the
+  # XLA:CPU's convolution kernels: "eigen" (XLA's Eigen kernels; their gradients ran 1.5-2x
+  # faster than YNNPACK's, the paper's MetAug step ~1.4x faster) or "xla_default" (what the
   # installed jaxlib picks: YNNPACK in 0.10-0.11). Set before JAX starts (metaug_jax/
   # xla_runtime.py); later, a warning and XLA's default. Other backends ignore it.
   c.xla_cpu_conv_library = "eigen"

@@ -19,9 +19,10 @@ tests/test_runtime.py), so there the switch is not needed.
 
 `config.xla_cpu_conv_library="eigen"` (the default) keeps XLA:CPU's convolutions out of
 YNNPACK, which jaxlib 0.10-0.11 use for them by default, so they run on XLA's Eigen kernels.
-On a 2-core AMD EPYC, Eigen's weight and input gradients of AlexNet-half's convs run at
-173-210 GFLOP/s against 83-129 for YNNPACK's (forward passes are on a par), and the paper's
-MetAug step takes ~22% less time (experiments/results/conv_layers_cpu.md, benchmark_cpu.md).
+On a 2-core AMD EPYC, Eigen's weight and input gradients of AlexNet-half's convs 2-5 ran at
+152-194 GFLOP/s against 79-173 for YNNPACK's (forward passes differ less), and the paper's
+MetAug step takes ~27% less time: 8.2 against 11.4 s/step, 6.1 against 8.5 fused
+(experiments/results/conv_layers_cpu.md, benchmark_cpu.md).
 Only convolutions move; dots and reductions stay where XLA puts them. It is a speed setting
 (results differ at float rounding), so applying it too late is a warning, not an error.
 """
@@ -160,8 +161,8 @@ def apply_xla_cpu_conv_library(library: str) -> None:
       _warned_conv_library_too_late = True
       logging.warning(
           "config.xla_cpu_conv_library='eigen' not applied: JAX's backend had already "
-          "started, so XLA:CPU keeps its default convolution kernels (training steps up to "
-          "~25%% slower on CPU). Set XLA_FLAGS=--%s=-%s before the first JAX computation, or "
+          "started, so XLA:CPU keeps its default convolution kernels (CPU training steps "
+          "measured up to 1.4x longer). Set XLA_FLAGS=--%s=-%s before the first JAX computation, or "
           "pass --config.xla_cpu_conv_library=xla_default to silence this.",
           YNN_FUSION_FLAG, YNN_CONVOLUTION)
     return
