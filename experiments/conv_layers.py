@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -141,8 +140,7 @@ def _library_section(library: str, result: dict) -> list:
             f"forward {_per_step(rows, 'forward'):.0f} ms, weight gradients "
             f"{_per_step(rows, 'weight_grad'):.0f} ms, of which conv1 "
             f"{_conv1(rows, 'weight_grad'):.0f} ms ({_conv1(rows, 'patches_weight_grad'):.0f} "
-            "ms with patch_conv), input gradients "
-            f"{3 * sum(r['input_grad'] for r in rows[3:]):.0f} ms.", ""]
+            f"ms with patch_conv), input gradients {_input_grads(rows):.0f} ms.", ""]
   return lines
 
 
@@ -152,6 +150,11 @@ def _per_step(rows, part: str) -> float:
 
 def _conv1(rows, part: str) -> float:
   return sum(r[part] for r in rows[:3])
+
+
+def _input_grads(rows) -> float:
+  """conv2-5's input gradients over the three views (conv1 needs none)."""
+  return _per_step(rows, "input_grad") - _conv1(rows, "input_grad")
 
 
 def render(results: dict, meta: dict) -> str:
@@ -169,9 +172,8 @@ def render(results: dict, meta: dict) -> str:
               "| default / Eigen |", "|---|---|---|---|"]
     for part, label in (("forward", "forward"), ("weight_grad", "weight gradients"),
                         ("input_grad", "input gradients"), ("tangent", "tangents (jvp)")):
-      e, d = _per_step(eigen, part), _per_step(default, part)
-      if part == "input_grad":  # conv1 needs no input gradient
-        e, d = e - _conv1(eigen, part), d - _conv1(default, part)
+      total = _input_grads if part == "input_grad" else lambda rows, p=part: _per_step(rows, p)
+      e, d = total(eigen), total(default)
       lines.append(f"| {label} | {e:.0f} | {d:.0f} | {d / e:.2f}x |")
     lines.append("")
   return "\n".join(lines)
@@ -180,9 +182,7 @@ def render(results: dict, meta: dict) -> str:
 def worker(library: str, batch: int, repeats: int, chunk: int) -> None:
   """Measures every layer with `library`'s kernels; prints one tagged JSON line."""
   from metaug_jax import xla_runtime  # pylint: disable=g-import-not-at-top
-  flags = re.sub(rf"\s*--{xla_runtime.YNN_FUSION_FLAG}=\S*", "",
-                 os.environ.get("XLA_FLAGS", "")).strip()
-  os.environ["XLA_FLAGS"] = flags
+  os.environ["XLA_FLAGS"] = xla_runtime.without_flag(xla_runtime.YNN_FUSION_FLAG)
   xla_runtime.apply_xla_cpu_conv_library(library)   # before jax starts its backend
   import jax  # pylint: disable=g-import-not-at-top
   assert jax.default_backend() == "cpu", "this table is about XLA:CPU's conv kernels"

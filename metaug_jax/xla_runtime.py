@@ -54,10 +54,21 @@ def _flag_in_environment():
   return {"1": "true", "0": "false"}.get(value, value)
 
 
+def _flag_list(flag: str):
+  """The comma-separated entries XLA_FLAGS gives `--flag=a,b` (the last one wins), or None
+  when the flag is absent."""
+  found = re.findall(rf"--{flag}=(\S*)", os.environ.get("XLA_FLAGS", ""))
+  return [e.strip() for e in found[-1].split(",") if e.strip()] if found else None
+
+
+def without_flag(flag: str) -> str:
+  """XLA_FLAGS with every `--flag=...` removed."""
+  return re.sub(rf"\s*--{flag}=\S*", "", os.environ.get("XLA_FLAGS", "")).strip()
+
+
 def _disabled_passes() -> list:
-  """The HLO passes XLA_FLAGS disables (`--xla_disable_hlo_passes=a,b`; the last one wins)."""
-  found = re.findall(rf"--{DISABLE_PASSES_FLAG}=(\S*)", os.environ.get("XLA_FLAGS", ""))
-  return [p for p in found[-1].split(",") if p] if found else []
+  """The HLO passes XLA_FLAGS disables (`--xla_disable_hlo_passes=a,b`)."""
+  return _flag_list(DISABLE_PASSES_FLAG) or []
 
 
 def _set_xla_flag(setting: str, flag: str, other_flags: str) -> None:
@@ -107,22 +118,24 @@ def apply_xla_cse(enabled: bool) -> None:
     return
   if CSE_PASS in disabled:
     return
-  others = re.sub(rf"\s*--{DISABLE_PASSES_FLAG}=\S*", "", os.environ.get("XLA_FLAGS", ""))
   _set_xla_flag("xla_cse=False", f"--{DISABLE_PASSES_FLAG}={','.join(disabled + [CSE_PASS])}",
-                others)
+                without_flag(DISABLE_PASSES_FLAG))
 
 
 def _ynn_fusion_types():
-  """The entries XLA_FLAGS gives YNNPACK's fusion types (`--flag=a,-b`; last one wins), or
-  None when XLA_FLAGS leaves them at XLA's default."""
-  found = re.findall(rf"--{YNN_FUSION_FLAG}=(\S*)", os.environ.get("XLA_FLAGS", ""))
-  if not found:
-    return None
-  return [e.strip().lower() for e in found[-1].split(",") if e.strip()]
+  """The entries XLA_FLAGS gives YNNPACK's fusion types, lower-cased, or None when XLA_FLAGS
+  leaves them at XLA's default."""
+  entries = _flag_list(YNN_FUSION_FLAG)
+  return None if entries is None else [e.lower() for e in entries]
 
 
 def _names_convolution(entry: str) -> bool:
   return entry.lstrip("+-").removeprefix("library_fusion_type_") == YNN_CONVOLUTION
+
+
+def _gives_ynnpack_convolutions(entries) -> bool:
+  """Whether the entries name convolutions without removing them ('x' or '+x', not '-x')."""
+  return any(_names_convolution(e) and not e.startswith("-") for e in entries)
 
 
 def cpu_convolutions_use_eigen() -> bool:
@@ -136,7 +149,7 @@ def cpu_convolutions_use_eigen() -> bool:
     return False
   if entries and all(e.startswith(("-", "+")) for e in entries):
     return any(e.startswith("-") and _names_convolution(e) for e in entries)
-  return not any(_names_convolution(e) and not e.startswith("-") for e in entries)
+  return not _gives_ynnpack_convolutions(entries)
 
 
 def apply_xla_cpu_conv_library(library: str) -> None:
@@ -151,7 +164,7 @@ def apply_xla_cpu_conv_library(library: str) -> None:
   if library != "eigen" or cpu_convolutions_use_eigen():
     return  # "xla_default", an unknown name (config_check.validate reports it) or done
   entries = _ynn_fusion_types()
-  if entries and any(_names_convolution(e) and not e.startswith("-") for e in entries):
+  if entries and _gives_ynnpack_convolutions(entries):
     raise ConfigError(
         f"config.xla_cpu_conv_library='eigen' but XLA_FLAGS gives YNNPACK the convolutions "
         f"(--{YNN_FUSION_FLAG}={','.join(entries)}); remove '{YNN_CONVOLUTION}' from it or "
@@ -162,13 +175,12 @@ def apply_xla_cpu_conv_library(library: str) -> None:
       logging.warning(
           "config.xla_cpu_conv_library='eigen' not applied: JAX's backend had already "
           "started, so XLA:CPU keeps its default convolution kernels (CPU training steps "
-          "measured up to 1.4x longer). Set XLA_FLAGS=--%s=-%s before the first JAX computation, or "
-          "pass --config.xla_cpu_conv_library=xla_default to silence this.",
+          "measured up to 1.4x longer). Set XLA_FLAGS=--%s=-%s before the first JAX "
+          "computation, or pass --config.xla_cpu_conv_library=xla_default to silence this.",
           YNN_FUSION_FLAG, YNN_CONVOLUTION)
     return
-  others = re.sub(rf"\s*--{YNN_FUSION_FLAG}=\S*", "", os.environ.get("XLA_FLAGS", ""))
   value = ",".join((entries or []) + [f"-{YNN_CONVOLUTION}"])
-  os.environ["XLA_FLAGS"] = f"{others} --{YNN_FUSION_FLAG}={value}".strip()
+  os.environ["XLA_FLAGS"] = f"{without_flag(YNN_FUSION_FLAG)} --{YNN_FUSION_FLAG}={value}".strip()
 
 
 def apply_config(config) -> None:
