@@ -13,6 +13,8 @@ Both are printed as one markdown table and saved to DIR/eval_step_<step>.json.
 import json
 import os
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -174,4 +176,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  app.run(main, argv=cli.resolve_config_argument(sys.argv))

@@ -4,6 +4,8 @@ Kept short on purpose: the logic lives in train.py, importable from tests and no
 Every config field can be overridden, e.g. --config.batch_size=256 --config.method=cmc.
 """
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -35,4 +37,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, argv=cli.resolve_config_argument(sys.argv))

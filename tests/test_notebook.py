@@ -1,18 +1,21 @@
 """The Colab TPU notebook's code path, executed on CPU so that it cannot rot.
 
 The code cells of experiments/colab_tpu.ipynb run in order as one script in a subprocess (its
-own XLA device count, no pytest absl state), with shell magics dropped (the package comes from
-this checkout), the parameter cell replaced by a tiny digits run, and the IPython.display
-import replaced by a stand-in where IPython is not installed.
+own XLA device count, no pytest absl state) of a fresh virtual environment into which the
+package is installed as the notebook's install cell does (`pip install git+URL`, here a copy of
+this checkout as the path: nothing on PYTHONPATH), with shell magics dropped, the parameter cell
+replaced by a tiny digits run, and the IPython.display import replaced by a stand-in where
+IPython is not installed.
 """
 
 import importlib.util
 import json
 import os
 import subprocess
-import sys
 
 import pytest
+
+import fresh_install
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "experiments", "colab_tpu.ipynb")
@@ -78,20 +81,30 @@ def test_notebook_parameters_cell_comes_before_everything_that_uses_it():
   assert "paper_config(\"cifar10\")" in "\n".join(sources)
 
 
+def test_notebook_install_cell_installs_this_repository():
+  sources, _ = load_cells()
+  pip_lines = [l.strip() for s in sources for l in s.splitlines() if l.strip().startswith("!pip")]
+  assert len(pip_lines) == 1 and '"git+{REPO_URL}"' in pip_lines[0], pip_lines
+
+
 @pytest.mark.slow  # 50-85 s on a busy 2-core CPU
 def test_notebook_runs_end_to_end_on_cpu(tmp_path):
   workdir = tmp_path / "run"
   script = tmp_path / "notebook_script.py"
   script.write_text(notebook_script(str(workdir)))
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-  env["JAX_PLATFORMS"] = "cpu"
-  # This checkout stands in for the notebook's pip install.
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
-  r = subprocess.run([sys.executable, str(script)], cwd=str(tmp_path), env=env,
+  # The install cell's `pip install git+{REPO_URL}`: pip builds and installs the repository
+  # (here a copy of this checkout) into the notebook's interpreter, a fresh venv.
+  python = fresh_install.fresh_venv(str(tmp_path / "venv"))
+  fresh_install.install(python, fresh_install.copy_checkout(str(tmp_path / "repo")))
+  env = fresh_install.clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                                JAX_PLATFORMS="cpu")
+  r = subprocess.run([python, str(script)], cwd=str(tmp_path), env=env,
                      capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
   assert "4 devices (cpu)" in r.stdout
+  assert str(tmp_path / "venv") in subprocess.run(
+      [python, "-c", "import metaug_jax; print(metaug_jax.__file__)"], cwd=str(tmp_path),
+      env=env, capture_output=True, text=True, check=True).stdout
   assert "batch_size 30 -> 32" in r.stdout
   assert "| fc |" in r.stdout and "| embedding |" in r.stdout and "kNN acc" in r.stdout
   assert (workdir / "eval_step_4.json").exists()
