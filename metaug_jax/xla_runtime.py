@@ -25,14 +25,23 @@ MetAug step takes ~27% less time: 8.2 against 11.4 s/step, 6.1 against 8.5 fused
 (experiments/results/conv_layers_cpu.md, benchmark_cpu.md).
 Only convolutions move; dots and reductions stay where XLA puts them. It is a speed setting
 (results differ at float rounding), so applying it too late is a warning, not an error.
+
+XLA refuses to start when XLA_FLAGS holds a flag its build does not know, so one renamed flag
+in a new jaxlib would stop every run. Each flag is therefore written only on the jaxlib
+versions it was checked on (`CHECKED_JAXLIB`) or, on any other, after a probe in a throw-away
+interpreter accepted it; and only when the run's platform is the CPU. Otherwise the setting is
+skipped with one info line, and the run goes on with XLA's defaults.
 """
 
+import functools
+import importlib.metadata
 import os
 import re
+import subprocess
+import sys
 
 from absl import logging
 import jax
-from jax._src import xla_bridge
 
 from metaug_jax.config_check import ConfigError
 
@@ -71,9 +80,97 @@ def _disabled_passes() -> list:
   return _flag_list(DISABLE_PASSES_FLAG) or []
 
 
+# jaxlib (major.minor) versions on which each flag was checked: accepted, and doing what the
+# docstring says (0.10.2 here; 0.11.2 on a lent H200 host, tests/test_runtime.py).
+CHECKED_JAXLIB = {FLAG: ("0.10",), DISABLE_PASSES_FLAG: ("0.10", "0.11"),
+                  YNN_FUSION_FLAG: ("0.10", "0.11")}
+# Options whose validator refuses a change once a backend exists: a public way (jax.config) to
+# ask whether JAX's backend has started. The first that this jax defines is used.
+_STARTED_PROBES = ("jax_cpu_get_local_topology_timeout_minutes", "jax_num_cpu_devices")
+_ACCELERATOR_PLUGINS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")
+_noted = set()
+
+
+def jaxlib_version() -> str:
+  """The installed jaxlib's version (read from its metadata: starts nothing)."""
+  try:
+    return importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    return jax.__version__
+
+
+def _minor(version: str) -> str:
+  return ".".join(version.split(".")[:2])
+
+
+@functools.lru_cache(maxsize=None)
+def flag_accepted(flag: str, value: str) -> bool:
+  """Whether this jaxlib's XLA starts with `--flag=value`: known on CHECKED_JAXLIB versions,
+  else probed once in a fresh interpreter (XLA aborts there on an unknown flag)."""
+  if _minor(jaxlib_version()) in CHECKED_JAXLIB.get(flag, ()):
+    return True
+  env = dict(os.environ, XLA_FLAGS=f"--{flag}={value}", JAX_PLATFORMS="cpu")
+  code = "import jax.numpy as jnp; jnp.zeros(2).block_until_ready()"
+  try:
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          timeout=300, check=False).returncode == 0
+  except (OSError, subprocess.SubprocessError):
+    return False
+
+
+def backend_started() -> bool:
+  """Whether JAX has started a backend (after which XLA_FLAGS is no longer read)."""
+  for name in _STARTED_PROBES:
+    try:
+      value = getattr(jax.config, name)
+    except AttributeError:
+      continue
+    try:
+      jax.config.update(name, value + 1)
+    except RuntimeError:
+      return True
+    jax.config.update(name, value)
+    return False
+  return False  # unknown on this jax: assume not, so the settings are at least attempted
+
+
+def _accelerator_platform():
+  """The accelerator the run will use instead of the CPU ('gpu', 'tpu', ...), or None."""
+  platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or ""
+  if platforms:
+    first = platforms.split(",")[0].strip().lower()
+    return None if first == "cpu" else first
+  names = {(d.metadata["Name"] or "").lower() for d in importlib.metadata.distributions()}
+  plugin = next((n for n in sorted(names) if n.startswith(_ACCELERATOR_PLUGINS)), None)
+  return f"an accelerator ({plugin} is installed)" if plugin else None
+
+
+def note_once(message: str) -> None:
+  """Prints 'info: message' to stderr, once per process and message."""
+  if message not in _noted:
+    _noted.add(message)
+    print(f"info: {message}", file=sys.stderr, flush=True)
+
+
+def cpu_flag_applicable(setting: str, flag: str, value: str) -> bool:
+  """Whether `--flag=value` should be written for `setting`: the run is on the CPU and this
+  jaxlib accepts the flag; otherwise one info line says why it is skipped."""
+  accelerator = _accelerator_platform()
+  if accelerator:
+    note_once(f"config.{setting} not applied: it tunes XLA:CPU and this run uses "
+              f"{accelerator}.")
+    return False
+  if not flag_accepted(flag, value):
+    note_once(f"config.{setting} not applied: jaxlib {jaxlib_version()} was not checked with "
+              f"--{flag} (checked: {', '.join(CHECKED_JAXLIB.get(flag, ())) or 'none'}) and "
+              f"refused it in a probe; XLA's default is used.")
+    return False
+  return True
+
+
 def _set_xla_flag(setting: str, flag: str, other_flags: str) -> None:
   """XLA_FLAGS = other_flags + flag, or ConfigError if JAX's backend has already read them."""
-  if xla_bridge.backends_are_initialized():
+  if backend_started():
     raise ConfigError(
         f"config.{setting} must be chosen before JAX starts its backend: use the command "
         f"line, or set the environment variable XLA_FLAGS={flag} before the first JAX "
@@ -99,6 +196,8 @@ def apply_xla_cpu_scheduler(scheduler: str) -> None:
         f"{'memory' if current == 'false' else 'concurrency'}.")
   if current == wanted or scheduler == "concurrency":
     return
+  if not cpu_flag_applicable("xla_cpu_scheduler='memory'", FLAG, "false"):
+    return
   _set_xla_flag("xla_cpu_scheduler='memory'", f"--{FLAG}=false",
                 os.environ.get("XLA_FLAGS", ""))
 
@@ -117,6 +216,8 @@ def apply_xla_cse(enabled: bool) -> None:
           f"(--{DISABLE_PASSES_FLAG}); remove it or pass --config.xla_cse=False.")
     return
   if CSE_PASS in disabled:
+    return
+  if not cpu_flag_applicable("xla_cse=False", DISABLE_PASSES_FLAG, CSE_PASS):
     return
   _set_xla_flag("xla_cse=False", f"--{DISABLE_PASSES_FLAG}={','.join(disabled + [CSE_PASS])}",
                 without_flag(DISABLE_PASSES_FLAG))
@@ -169,7 +270,7 @@ def apply_xla_cpu_conv_library(library: str) -> None:
         f"config.xla_cpu_conv_library='eigen' but XLA_FLAGS gives YNNPACK the convolutions "
         f"(--{YNN_FUSION_FLAG}={','.join(entries)}); remove '{YNN_CONVOLUTION}' from it or "
         "pass --config.xla_cpu_conv_library=xla_default.")
-  if xla_bridge.backends_are_initialized():
+  if backend_started():
     if jax.default_backend() == "cpu" and not _warned_conv_library_too_late:
       _warned_conv_library_too_late = True
       logging.warning(
@@ -180,6 +281,8 @@ def apply_xla_cpu_conv_library(library: str) -> None:
           YNN_FUSION_FLAG, YNN_CONVOLUTION)
     return
   value = ",".join((entries or []) + [f"-{YNN_CONVOLUTION}"])
+  if not cpu_flag_applicable("xla_cpu_conv_library='eigen'", YNN_FUSION_FLAG, value):
+    return
   os.environ["XLA_FLAGS"] = f"{without_flag(YNN_FUSION_FLAG)} --{YNN_FUSION_FLAG}={value}".strip()
 
 

@@ -112,7 +112,7 @@ def test_without_cse_remat_trains_the_same_and_keeps_its_recomputation():
 
 
 def test_cse_setting_merges_with_xla_flags_and_reports_conflicts(monkeypatch):
-  monkeypatch.setattr(xla_runtime.xla_bridge, "backends_are_initialized", lambda: False)
+  monkeypatch.setattr(xla_runtime, "backend_started", lambda: False)
   monkeypatch.setenv("XLA_FLAGS", "--foo=1 --xla_disable_hlo_passes=fusion")
   xla_runtime.apply_xla_cse(True)                   # CSE is not among the disabled passes
   xla_runtime.apply_xla_cse(False)
@@ -121,7 +121,7 @@ def test_cse_setting_merges_with_xla_flags_and_reports_conflicts(monkeypatch):
   assert os.environ["XLA_FLAGS"] == "--foo=1 --xla_disable_hlo_passes=fusion,cse"
   with pytest.raises(ConfigError, match="--config.xla_cse=False"):
     xla_runtime.apply_xla_cse(True)
-  monkeypatch.setattr(xla_runtime.xla_bridge, "backends_are_initialized", lambda: True)
+  monkeypatch.setattr(xla_runtime, "backend_started", lambda: True)
   monkeypatch.setenv("XLA_FLAGS", "")
   with pytest.raises(ConfigError, match="xla_cse=False must be chosen before JAX starts"):
     xla_runtime.apply_xla_cse(False)
@@ -140,7 +140,7 @@ def test_eigen_conv_library_takes_the_convolutions_off_ynnpack():
 
 def test_conv_library_setting_merges_with_xla_flags_and_reports_conflicts(monkeypatch):
   flag, conv = xla_runtime.YNN_FUSION_FLAG, xla_runtime.YNN_CONVOLUTION
-  monkeypatch.setattr(xla_runtime.xla_bridge, "backends_are_initialized", lambda: False)
+  monkeypatch.setattr(xla_runtime, "backend_started", lambda: False)
   monkeypatch.setenv("XLA_FLAGS", f"--foo=1 --{flag}=-individual_dot")
   assert not xla_runtime.cpu_convolutions_use_eigen()
   xla_runtime.apply_xla_cpu_conv_library("xla_default")  # XLA's choice: nothing to do
@@ -167,7 +167,7 @@ def test_conv_library_after_the_backend_started_warns_once(monkeypatch):
   warnings = []
   monkeypatch.setattr(xla_runtime.logging, "warning", lambda *a: warnings.append(a[0] % a[1:]))
   monkeypatch.setattr(xla_runtime, "_warned_conv_library_too_late", False)
-  monkeypatch.setattr(xla_runtime.xla_bridge, "backends_are_initialized", lambda: True)
+  monkeypatch.setattr(xla_runtime, "backend_started", lambda: True)
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
   xla_runtime.apply_xla_cpu_conv_library("eigen")
   xla_runtime.apply_xla_cpu_conv_library("eigen")
@@ -210,6 +210,63 @@ def test_cli_sets_xla_flags_before_a_multi_process_run_starts_the_backend():
   seen = json.loads(lines[-1][len("PROBE "):])
   assert "--xla_disable_hlo_passes=cse" in seen["at_start"], seen
   assert f"--{xla_runtime.FLAG}=false" in seen["at_start"] and seen["trained"], seen
+
+
+def test_unknown_jaxlib_flags_are_probed_and_a_refused_one_is_skipped(monkeypatch, capsys):
+  monkeypatch.setattr(xla_runtime, "jaxlib_version", lambda: "0.99.0")
+  xla_runtime.flag_accepted.cache_clear()
+  try:
+    # Not a checked version: the probe starts XLA with the flag in a fresh interpreter.
+    assert not xla_runtime.flag_accepted("xla_metaug_no_such_flag", "1")
+    assert xla_runtime.flag_accepted(xla_runtime.YNN_FUSION_FLAG, "-individual_convolution")
+  finally:
+    xla_runtime.flag_accepted.cache_clear()
+  monkeypatch.setattr(xla_runtime, "flag_accepted", lambda flag, value: False)
+  monkeypatch.setattr(xla_runtime, "backend_started", lambda: False)
+  monkeypatch.setattr(xla_runtime, "_noted", set())
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+  for _ in range(2):
+    xla_runtime.apply_xla_cpu_conv_library("eigen")
+    xla_runtime.apply_xla_cpu_scheduler("memory")
+    xla_runtime.apply_xla_cse(False)
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
+  lines = capsys.readouterr().err.splitlines()
+  assert len(lines) == 3 and all(l.startswith("info: config.") and "0.99.0" in l
+                                 for l in lines), lines
+
+
+def test_cpu_flags_are_not_written_for_an_accelerator_run(monkeypatch, capsys):
+  monkeypatch.setattr(xla_runtime, "backend_started", lambda: False)
+  monkeypatch.setattr(xla_runtime, "_noted", set())
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+  monkeypatch.setenv("XLA_FLAGS", "")
+  xla_runtime.apply_xla_cpu_conv_library("eigen")
+  assert os.environ["XLA_FLAGS"] == ""
+  assert "uses cuda" in capsys.readouterr().err
+
+
+def test_backend_started_is_read_through_public_jax_config():
+  code = ("import jax, jax.numpy as jnp\n"
+          "from metaug_jax import xla_runtime\n"
+          "before = xla_runtime.backend_started()\n"
+          "jnp.zeros(1).block_until_ready()\n"
+          "print(before, xla_runtime.backend_started(), "
+          "jax.config.jax_cpu_get_local_topology_timeout_minutes)\n")
+  env = dict(os.environ, PYTHONPATH=PYTHONPATH)
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300, check=True).stdout.split()
+  assert out == ["False", "True", "2"], out
+
+
+def test_the_package_imports_no_private_jax_modules():
+  offenders = []
+  for folder, _, files in os.walk(os.path.join(ROOT, "metaug_jax")):
+    for f in files:
+      if f.endswith(".py"):
+        with open(os.path.join(folder, f)) as fh:
+          if "jax._src" in fh.read():
+            offenders.append(f)
+  assert not offenders, offenders
 
 
 def test_release_collects_garbage_cycles():
