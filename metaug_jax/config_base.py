@@ -15,6 +15,7 @@ ENCODERS = ("digits_conv", "alexnet_small", "alexnet_half", "resnet18")
 CONV1_WEIGHT_GRADS = ("auto", "xla", "patches")  # model.conv1_weight_grad
 XLA_CPU_SCHEDULERS = ("concurrency", "memory")  # xla_cpu_scheduler
 XLA_CPU_CONV_LIBRARIES = ("eigen", "xla_default")  # xla_cpu_conv_library
+MATMUL_PRECISIONS = ("default", "high", "highest")  # model.matmul_precision
 
 
 def parse_literal(text: str):
@@ -65,6 +66,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.mag_hidden = 2048      # MAG width (spec 3.2)
   c.model.dtype = "float32"      # compute dtype: float32 or bfloat16 (params stay float32)
   c.model.remat = False          # rematerialise the conv blocks (memory for compute)
+  # Precision of the training step's float32 matmuls and convolutions (jax's
+  # default_matmul_precision): "highest" is exact float32 everywhere; "default" lets GPUs use
+  # TF32 and TPUs bfloat16 passes, where the MAG gradient's second-order part (orders of
+  # magnitude below its direct part) has not been shown to survive. Same numbers on CPU.
+  c.model.matmul_precision = "highest"
   # The input conv's kernel derivative: "xla", "patches" (chunked patch GEMMs, models/
   # patch_conv.py) or "auto" (patches for alexnet_half on CPU with YNNPACK convolutions,
   # where they are ~2x faster; XLA's own otherwise, see xla_cpu_conv_library).

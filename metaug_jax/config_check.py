@@ -25,6 +25,8 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
   _choice(e, "data.views", config.data.views, config_base.VIEW_KINDS)
   _choice(e, "model.encoder", config.model.encoder, config_base.ENCODERS)
   _choice(e, "model.dtype", config.model.dtype, ("float32", "bfloat16"))
+  _choice(e, "model.matmul_precision", config.model.matmul_precision,
+          config_base.MATMUL_PRECISIONS)
   _choice(e, "model.conv1_weight_grad", config.model.conv1_weight_grad,
           config_base.CONV1_WEIGHT_GRADS)
   _choice(e, "xla_cpu_scheduler", config.xla_cpu_scheduler, config_base.XLA_CPU_SCHEDULERS)

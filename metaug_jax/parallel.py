@@ -7,6 +7,7 @@ over AXIS, and anything random is drawn for the global batch and sliced, so a st
 same result on any number of devices.
 """
 
+import contextlib
 import os
 from typing import Callable, Optional, Sequence
 
@@ -28,7 +29,16 @@ def local_devices(num_devices: int = 0) -> list:
   return devices
 
 
-def pmap_step(step_fn: Callable, devices: Sequence, donate: bool = True) -> Callable:
+def matmul_precision(name: Optional[str]):
+  """A context in which jax traces and lowers matmuls/convs at `name` ("high", "highest");
+  None or "default" leaves jax's default (TF32 on GPUs, bfloat16 passes on TPUs)."""
+  if name in (None, "default"):
+    return contextlib.nullcontext()
+  return jax.default_matmul_precision(name)
+
+
+def pmap_step(step_fn: Callable, devices: Sequence, donate: bool = True,
+              precision: Optional[str] = None) -> Callable:
   """Maps step_fn(state, batch) -> (state, metrics) over devices; state in/out replicated.
 
   The state is placed replicated over the local devices before each call, which is a no-op
@@ -42,7 +52,8 @@ def pmap_step(step_fn: Callable, devices: Sequence, donate: bool = True) -> Call
   call, so nothing recompiles and a batch of another shape is an error. Across processes,
   where a pmap lowers for the global batch but is called with this process's part, it
   compiles on its first call instead and `step.compile` returns None.
-  `step.lower(state, batch)` gives the lowering.
+  `step.lower(state, batch)` gives the lowering. `precision` (config.model.matmul_precision)
+  is the precision its float32 matmuls and convolutions are lowered with.
   """
   several = jax.process_count() > 1  # then pmap spans every process's devices
   mapped = jax.pmap(step_fn, axis_name=AXIS, in_axes=(None, 0), out_axes=(None, None),
@@ -53,7 +64,8 @@ def pmap_step(step_fn: Callable, devices: Sequence, donate: bool = True) -> Call
   executable = []
 
   def lower(state, batch):
-    return mapped.lower(jax.device_put(state, replicated), batch)
+    with matmul_precision(precision):
+      return mapped.lower(jax.device_put(state, replicated), batch)
 
   def compile_once(state, batch):
     if not several and not executable:
@@ -62,7 +74,8 @@ def pmap_step(step_fn: Callable, devices: Sequence, donate: bool = True) -> Call
 
   def step(state, batch):
     run = compile_once(state, batch) or mapped
-    return run(jax.device_put(state, replicated), batch)
+    with matmul_precision(precision):  # where pmap compiles on this first call
+      return run(jax.device_put(state, replicated), batch)
 
   step.lower = lower
   step.compile = compile_once

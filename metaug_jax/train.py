@@ -213,7 +213,8 @@ def compile_step(exp: Experiment, state):
   Freed host memory is handed back to the OS before and after compiling, so that the
   garbage of the init and of the compiler does not add to the training loop's peak RSS.
   """
-  step_fn = parallel.pmap_step(exp.method.train_step, exp.devices)
+  step_fn = parallel.pmap_step(exp.method.train_step, exp.devices,
+                               precision=exp.config.model.matmul_precision)
   host_memory.release()
   step_fn.compile(state, exp.loader.batch_at(0))
   host_memory.release()
