@@ -1,0 +1,327 @@
+"""The baselines' building blocks against direct NumPy float64 formulas, and 1 vs 4 devices.
+
+InfoNCE with plain / debiased / hard negatives and SimCLR's in-batch scores.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metaug_jax import parallel
+from metaug_jax.losses import infonce_from_scores, nt_xent, nt_xent_scores
+from metaug_jax.models.layers import l2_normalize
+
+N_DEV = 4
+
+
+def _unit(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _shard(a):
+  return a.reshape((N_DEV, -1) + a.shape[1:])
+
+
+def _needs_devices():
+  if jax.local_device_count() < N_DEV:
+    pytest.skip("needs 4 devices (tests/conftest.py simulates them)")
+
+
+# ---- NumPy references, one anchor and one negative at a time --------------------------------
+
+def _np_infonce(pos, neg, t, valid=None, negatives="plain", tau_plus=0.1, beta=1.0):
+  """The three estimators as written in Chuang et al. 2020 (Eq. 10) / Robinson et al. 2021
+  (Eq. 3-4), in float64 with explicit loops; no shifting (float64 has the range)."""
+  b, k = neg.shape
+  valid = np.ones((b, k), bool) if valid is None else valid
+  out = []
+  for i in range(b):
+    e_pos = math.exp(pos[i] / t)
+    e_neg = [math.exp(neg[i, j] / t) for j in range(k) if valid[i, j]]
+    n = len(e_neg)
+    if negatives == "plain":
+      ng = sum(e_neg)
+    else:
+      if negatives == "hard":
+        imp = [math.exp(beta * neg[i, j] / t) for j in range(k) if valid[i, j]]
+        mean_imp = sum(imp) / n
+        total = sum(w / mean_imp * e for w, e in zip(imp, e_neg))
+      else:
+        total = sum(e_neg)
+      ng = max((total - n * tau_plus * e_pos) / (1 - tau_plus), n * math.exp(-1 / t))
+    out.append(math.log1p(ng / e_pos))  # -log(e_pos / (e_pos + ng)), accurate for ng << e_pos
+  return np.array(out)
+
+
+def _random_scores(seed, b=5, k=9, masked=True):
+  rng = np.random.default_rng(seed)
+  pos = rng.uniform(-1, 1, b)
+  neg = rng.uniform(-1, 1, (b, k))
+  valid = rng.uniform(size=(b, k)) > 0.3 if masked else np.ones((b, k), bool)
+  valid[:, 0] = True  # at least one negative per anchor
+  return pos, neg, valid
+
+
+def _jax64(fn, *arrays, **kwargs):
+  with jax.enable_x64(True):
+    got = fn(*(jnp.asarray(a) for a in arrays), **kwargs)
+    assert got.dtype == jnp.float64
+    return np.asarray(got)
+
+
+# ---- infonce_from_scores ---------------------------------------------------------------------
+
+# Jitted once per mode, shape and dtype: dispatching every op eagerly is what costs time here.
+_infonce = jax.jit(infonce_from_scores, static_argnames=("negatives",))
+
+
+@functools.partial(jax.jit, static_argnames=("negatives",))
+def _infonce_and_grads(pos, neg, temperature, valid=None, negatives="plain", tau_plus=0.1,
+                       beta=1.0):
+  """The per-anchor losses and the gradients of their sum w.r.t. pos and neg."""
+  def total(p, n):
+    return jnp.sum(infonce_from_scores(p, n, temperature, valid=valid, negatives=negatives,
+                                       tau_plus=tau_plus, beta=beta))
+  return (infonce_from_scores(pos, neg, temperature, valid=valid, negatives=negatives,
+                              tau_plus=tau_plus, beta=beta),
+          *jax.grad(total, argnums=(0, 1))(pos, neg))
+
+
+def test_plain_hand_built():
+  pos = np.array([0.5, 0.0])
+  neg = np.array([[0.1, -0.3, 0.9], [0.2, 0.2, 0.2]])
+  t = 0.5
+  want = [math.log(math.exp(1.0) + math.exp(0.2) + math.exp(-0.6) + math.exp(1.8)) - 1.0,
+          math.log(1.0 + 3 * math.exp(0.4))]
+  got = _jax64(_infonce, pos, neg, temperature=t)
+  np.testing.assert_allclose(got, want, rtol=1e-12)
+  np.testing.assert_allclose(got, _np_infonce(pos, neg, t), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(negatives="plain"),
+    dict(negatives="debiased", tau_plus=0.1),
+    dict(negatives="debiased", tau_plus=0.3),
+    dict(negatives="hard", tau_plus=0.1, beta=1.0),
+    dict(negatives="hard", tau_plus=0.05, beta=0.5),
+    dict(negatives="hard", tau_plus=0.0, beta=2.0),
+])
+@pytest.mark.parametrize("t", [0.5, 0.07])
+@pytest.mark.parametrize("masked", [False, True])
+def test_infonce_matches_numpy(kwargs, t, masked):
+  pos, neg, valid = _random_scores(1, masked=masked)
+  got = _jax64(_infonce, pos, neg, temperature=t,
+               valid=jnp.asarray(valid) if masked else None, **kwargs)
+  want = _np_infonce(pos, neg, t, valid if masked else None, **kwargs)
+  assert got.shape == (pos.shape[0],)
+  np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_debiased_without_prior_is_plain_and_hard_without_beta_is_debiased():
+  pos, neg, valid = _random_scores(2, b=7, k=12)
+  plain = _jax64(_infonce, pos, neg, temperature=0.2, valid=valid)
+  debiased0 = _jax64(_infonce, pos, neg, temperature=0.2, valid=valid,
+                     negatives="debiased", tau_plus=0.0)
+  np.testing.assert_allclose(debiased0, plain, rtol=1e-12)
+  debiased = _jax64(_infonce, pos, neg, temperature=0.2, valid=valid,
+                    negatives="debiased", tau_plus=0.2)
+  hard0 = _jax64(_infonce, pos, neg, temperature=0.2, valid=valid,
+                 negatives="hard", tau_plus=0.2, beta=0.0)
+  np.testing.assert_allclose(hard0, debiased, rtol=1e-12)
+  assert np.abs(debiased - plain).max() > 1e-2  # the prior does change the loss here
+
+
+@pytest.mark.parametrize("negatives", ["debiased", "hard"])
+@pytest.mark.parametrize("t", [0.5, 0.07])
+def test_clamp_engages(negatives, t):
+  """Easy negatives and a strong prior make the estimate negative: Ng = N e^{-1/t}."""
+  pos = np.array([0.9, 0.8])
+  neg = np.array([[-0.5, -0.6, -0.4, -0.5], [-0.9, -0.2, -0.7, -0.3]])
+  tau_plus = 0.5
+  n = neg.shape[1]
+  for i in range(2):  # the unclamped estimate is negative, for either mode
+    e_neg = np.exp(neg[i] / t)
+    w = np.exp(neg[i] / t) / np.exp(neg[i] / t).mean() if negatives == "hard" else 1.0
+    assert np.sum(w * e_neg) - n * tau_plus * np.exp(pos[i] / t) < 0
+  want = np.log1p(n * np.exp(-1 / t) / np.exp(pos / t))
+  got = _jax64(_infonce, pos, neg, temperature=t, negatives=negatives,
+               tau_plus=tau_plus)
+  np.testing.assert_allclose(got, want, rtol=1e-10)
+  np.testing.assert_allclose(got, _np_infonce(pos, neg, t, negatives=negatives,
+                                              tau_plus=tau_plus), rtol=1e-10)
+  # float32 too, where the clamp's e^{-1/t} is taken in the shifted units.
+  got32 = _infonce(jnp.asarray(pos, jnp.float32), jnp.asarray(neg, jnp.float32), t,
+                   negatives=negatives, tau_plus=tau_plus)
+  np.testing.assert_allclose(np.asarray(got32), want, rtol=2e-3)
+
+
+@pytest.mark.parametrize("negatives", ["plain", "debiased", "hard"])
+def test_float32_small_temperature_no_overflow(negatives):
+  """At t = 0.01, e^{s/t} overflows float32 (e^100); the shifted sums do not."""
+  pos, neg, valid = _random_scores(3, b=6, k=10)
+  pos[0], neg[1, 0] = 1.0, 1.0
+  want = _np_infonce(pos, neg, 0.01, valid, negatives=negatives, tau_plus=0.1, beta=1.0)
+  got = _infonce(jnp.asarray(pos, jnp.float32), jnp.asarray(neg, jnp.float32), 0.01,
+                 valid=jnp.asarray(valid), negatives=negatives, tau_plus=0.1, beta=1.0)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("negatives", ["plain", "debiased", "hard"])
+def test_masked_scores_are_ignored(negatives):
+  pos, neg, valid = _random_scores(4)
+  odd = np.arange(neg.size).reshape(neg.shape) % 2 == 1
+  changed = np.where(valid, neg, np.where(odd, 1.0, -7.0))
+  # t = 0.5 keeps the clamp off, so every valid score has a gradient.
+  with jax.enable_x64(True):
+    a, _, _ = _infonce_and_grads(pos, neg, 0.5, valid, negatives)
+    b, _, grad = _infonce_and_grads(pos, changed, 0.5, valid, negatives)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  grad = np.asarray(grad)
+  assert (grad[~valid] == 0).all() and np.isfinite(grad).all()
+  assert (grad[valid] != 0).all()
+
+
+def test_anchor_without_valid_negatives():
+  """No negative at all: the loss is -log(1) = 0 in every mode, with finite gradients."""
+  pos, neg = jnp.array([0.3, 0.5]), jnp.array([[0.1, 0.2], [0.4, -0.1]])
+  valid = jnp.array([[False, False], [True, True]])
+  for negatives in ("plain", "debiased", "hard"):
+    value, gp, gn = _infonce_and_grads(pos, neg, 0.1, valid, negatives)
+    assert float(value[0]) == 0.0 and float(value[1]) > 0.0
+    assert np.isfinite(np.asarray(gp)).all() and np.isfinite(np.asarray(gn)).all()
+    assert float(gp[0]) == 0.0 and (np.asarray(gn[0]) == 0).all()
+
+
+@pytest.mark.parametrize("negatives", ["debiased", "hard"])
+def test_gradient_matches_finite_differences(negatives):
+  """jax.grad in float64 against central differences of the NumPy reference."""
+  pos, neg, valid = _random_scores(6, b=3, k=6)
+  t, h = 0.5, 1e-6  # no row clamped (seed 6): every valid score has a gradient
+  with jax.enable_x64(True):
+    _, gp, gn = _infonce_and_grads(pos, neg, t, valid, negatives, 0.1, 1.0)
+
+  def total(p, n):
+    return _np_infonce(p, n, t, valid, negatives, tau_plus=0.1, beta=1.0).sum()
+
+  fd_p = np.zeros_like(pos)
+  for i in range(pos.size):
+    e = np.zeros_like(pos)
+    e[i] = h
+    fd_p[i] = (total(pos + e, neg) - total(pos - e, neg)) / (2 * h)
+  fd_n = np.zeros_like(neg)
+  for i, j in np.ndindex(neg.shape):
+    e = np.zeros_like(neg)
+    e[i, j] = h
+    fd_n[i, j] = (total(pos, neg + e) - total(pos, neg - e)) / (2 * h)
+  np.testing.assert_allclose(np.asarray(gp), fd_p, rtol=1e-6, atol=1e-8)
+  np.testing.assert_allclose(np.asarray(gn), fd_n, rtol=1e-6, atol=1e-8)
+  assert np.abs(fd_n[~valid]).max() == 0 and np.abs(fd_n[valid]).min() > 1e-6
+
+
+@pytest.mark.parametrize("negatives", ["plain", "debiased", "hard"])
+def test_gradients_finite_at_extreme_cosines(negatives):
+  """Cosines of exactly +-1 at t = 0.07 in float32, clamp engaged in some rows: values, first
+  and (for MetAug's meta-gradient) second derivatives are finite."""
+  pos = jnp.array([1.0, -1.0, 1.0, -1.0])
+  neg = jnp.array([[1.0, -1.0, 1.0], [1.0, 1.0, 1.0], [-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
+
+  @jax.jit
+  def second_order(p, n):
+    def grad_norm(p, n):
+      _, gp, gn = _infonce_and_grads(p, n, 0.07, None, negatives, 0.1, 1.0)
+      return jnp.sum(gp ** 2) + jnp.sum(gn ** 2)
+    return jax.grad(grad_norm, argnums=(0, 1))(p, n)
+
+  value, *grads = _infonce_and_grads(pos, neg, 0.07, None, negatives, 0.1, 1.0)
+  for a in (value, *grads, *second_order(pos, neg)):
+    assert np.isfinite(np.asarray(a)).all()
+  want = _np_infonce(np.asarray(pos, np.float64), np.asarray(neg, np.float64), 0.07,
+                     negatives=negatives, tau_plus=0.1, beta=1.0)
+  np.testing.assert_allclose(np.asarray(value), want, rtol=1e-4, atol=1e-5)
+
+
+def test_infonce_rejects_bad_options():
+  pos, neg = jnp.zeros(2), jnp.zeros((2, 3))
+  with pytest.raises(ValueError, match="negatives"):
+    infonce_from_scores(pos, neg, 0.1, negatives="semi-hard")
+  with pytest.raises(ValueError, match="tau_plus"):
+    infonce_from_scores(pos, neg, 0.1, negatives="debiased", tau_plus=1.0)
+  with pytest.raises(AssertionError):
+    infonce_from_scores(pos, neg, 0.1, valid=jnp.ones((2, 4), bool))
+
+
+# ---- nt_xent_scores --------------------------------------------------------------------------
+
+def _np_nt_xent_scores(z1, z2):
+  """Anchors [z1; z2] against keys [z1; z2]: positive i <-> i +- B, neither self nor positive
+  a negative."""
+  z = np.concatenate([z1, z2])
+  m = z.shape[0]
+  b = z1.shape[0]
+  pos = np.array([z[i] @ z[(i + b) % m] for i in range(m)])
+  neg = np.array([[z[i] @ z[j] for j in range(m)] for i in range(m)])
+  valid = np.array([[j != i and j != (i + b) % m for j in range(m)] for i in range(m)])
+  return pos, neg, valid
+
+
+def test_nt_xent_scores_match_numpy_and_nt_xent():
+  rng = np.random.default_rng(6)
+  z1, z2 = _unit(rng.normal(size=(5, 4))), _unit(rng.normal(size=(5, 4)))
+  with jax.enable_x64(True):
+    scores = jax.jit(nt_xent_scores)(jnp.asarray(z1), jnp.asarray(z2))
+    plain = float(jnp.mean(_infonce(scores[0], scores[1], 0.3, valid=scores[2])))
+    reference = float(jax.jit(nt_xent)(jnp.asarray(z1), jnp.asarray(z2), 0.3))
+  pos, neg, valid = (np.asarray(a) for a in scores)
+  want_pos, want_neg, want_valid = _np_nt_xent_scores(z1, z2)
+  np.testing.assert_allclose(pos, want_pos, rtol=1e-12)
+  np.testing.assert_allclose(neg, want_neg, rtol=1e-12)
+  np.testing.assert_array_equal(valid, want_valid)
+  assert (valid.sum(axis=1) == 2 * 5 - 2).all()
+  np.testing.assert_allclose(plain, reference, rtol=1e-12)
+  # The debiased SimCLR loss of Chuang et al. 2020 (their N = 2B - 2).
+  debiased = _jax64(_infonce, pos, neg, temperature=0.3, valid=valid,
+                    negatives="debiased", tau_plus=0.1)
+  np.testing.assert_allclose(
+      debiased, _np_infonce(want_pos, want_neg, 0.3, want_valid, "debiased", 0.1), rtol=1e-10)
+
+
+def _linear_views(w, x1, x2):
+  return l2_normalize(x1 @ w), l2_normalize(x2 @ w)
+
+
+def test_nt_xent_scores_pmap_match_nt_xent():
+  """Under pmap, plain InfoNCE on the gathered scores = nt_xent: value and pmean'd gradient,
+  both equal to the single-device loss on the whole batch."""
+  _needs_devices()
+  rng = np.random.default_rng(7)
+  w = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+  x1 = jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)
+  x2 = x1 + 0.3 * jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)
+
+  def via_scores(w, a, b, axis_name=None):
+    pos, neg, valid = nt_xent_scores(*_linear_views(w, a, b), axis_name)
+    return jnp.mean(infonce_from_scores(pos, neg, 0.5, valid=valid))
+
+  def via_nt_xent(w, a, b, axis_name=None):
+    return nt_xent(*_linear_views(w, a, b), 0.5, axis_name)
+
+  value, grad = jax.jit(jax.value_and_grad(via_nt_xent))(w, x1, x2)
+
+  def per_device(w, a, b):
+    out = []
+    for f in (via_scores, via_nt_xent):
+      v, g = jax.value_and_grad(f)(w, a, b, parallel.AXIS)
+      out += [parallel.pmean(v), parallel.pmean(g)]
+    return out
+
+  sv, sg, nv, ng = jax.pmap(per_device, axis_name=parallel.AXIS, in_axes=(None, 0, 0),
+                            devices=jax.devices()[:N_DEV])(w, _shard(x1), _shard(x2))
+  np.testing.assert_allclose(np.asarray(sv), np.asarray(nv), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(sg), np.asarray(ng), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(sv[0]), float(value), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(sg[0]), np.asarray(grad), rtol=1e-4, atol=1e-6)
