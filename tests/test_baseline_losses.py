@@ -1,6 +1,6 @@
 """The baselines' building blocks against direct NumPy float64 formulas, and 1 vs 4 devices.
 
-InfoNCE with plain / debiased / hard negatives and SimCLR's in-batch scores.
+InfoNCE with plain / debiased / hard negatives, SimCLR's in-batch scores and MoCo's queue.
 """
 
 import functools
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from metaug_jax import parallel
+from metaug_jax import queue as queue_lib
 from metaug_jax.losses import infonce_from_scores, nt_xent, nt_xent_scores
 from metaug_jax.models.layers import l2_normalize
 
@@ -325,3 +326,60 @@ def test_nt_xent_scores_pmap_match_nt_xent():
   np.testing.assert_allclose(np.asarray(sg), np.asarray(ng), rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(np.asarray(sv[0]), float(value), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(sg[0]), np.asarray(grad), rtol=1e-4, atol=1e-6)
+
+
+# ---- MoCo's queue ----------------------------------------------------------------------------
+
+def test_init_queue():
+  q = queue_lib.init_queue(jax.random.key(0), 10, 4)
+  assert q.keys.shape == (10, 4) and q.keys.dtype == jnp.float32
+  assert q.ptr.dtype == jnp.int32 and q.ptr.shape == () and int(q.ptr) == 0
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(q.keys), axis=1), 1.0, rtol=1e-6)
+  assert q.size == 10
+
+
+def test_enqueue_wraps_around():
+  """K = 10, G = 4: rows 0-3, then 4-7, then 8, 9, 0, 1; ptr 4, 8, 2."""
+  size, dim, g = 10, 3, 4
+  q = queue_lib.init_queue(jax.random.key(1), size, dim)
+  rows = np.array(q.keys)
+  ptr = 0
+  step = jax.jit(queue_lib.enqueue)  # ptr traced: the write position is data, not shape
+  rng = np.random.default_rng(8)
+  for want_ptr in (4, 8, 2):
+    batch = _unit(rng.normal(size=(g, dim))).astype(np.float32)
+    for i in range(g):
+      rows[(ptr + i) % size] = batch[i]
+    ptr = (ptr + g) % size
+    q = step(q, jnp.asarray(batch))
+    assert ptr == want_ptr and int(q.ptr) == want_ptr and q.ptr.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(q.keys), rows)
+  # The third batch overwrote the first batch's rows 0, 1 and left its rows 2, 3.
+  np.testing.assert_array_equal(np.asarray(q.keys)[[0, 1]], batch[[2, 3]])
+
+
+def test_enqueue_refuses_batch_larger_than_queue():
+  q = queue_lib.init_queue(jax.random.key(2), 6, 3)
+  with pytest.raises(ValueError, match="queue of 6"):
+    queue_lib.enqueue(q, jnp.ones((7, 3)))
+  with pytest.raises(ValueError, match="queue of 6"):
+    jax.jit(queue_lib.enqueue)(q, jnp.ones((7, 3)))
+  full = jax.jit(queue_lib.enqueue)(q, jnp.ones((6, 3)))  # G = K is a full refresh
+  assert int(full.ptr) == 0 and (np.asarray(full.keys) == 1).all()
+
+
+def test_queue_scores_and_no_gradient():
+  rng = np.random.default_rng(9)
+  q0 = queue_lib.init_queue(jax.random.key(3), 5, 4)
+  query = jnp.asarray(_unit(rng.normal(size=(3, 4))), jnp.float32)
+  np.testing.assert_allclose(np.asarray(jax.jit(queue_lib.scores)(query, q0)),
+                             np.asarray(query) @ np.asarray(q0.keys).T, rtol=1e-6)
+  new_keys = jnp.asarray(_unit(rng.normal(size=(2, 4))), jnp.float32)
+
+  def loss(query, keys, new_keys):
+    queue = queue_lib.enqueue(queue_lib.KeyQueue(keys=keys, ptr=q0.ptr), new_keys)
+    return jnp.sum(queue_lib.scores(query, queue) ** 2)
+
+  g_query, g_keys, g_new = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(query, q0.keys, new_keys)
+  assert np.abs(np.asarray(g_query)).max() > 0
+  assert (np.asarray(g_keys) == 0).all() and (np.asarray(g_new) == 0).all()
