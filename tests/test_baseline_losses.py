@@ -1,6 +1,7 @@
 """The baselines' building blocks against direct NumPy float64 formulas, and 1 vs 4 devices.
 
-InfoNCE with plain / debiased / hard negatives, SimCLR's in-batch scores and MoCo's queue.
+InfoNCE with plain / debiased / hard negatives, SimCLR's in-batch scores, MoCo's queue and the
+EMA target updates.
 """
 
 import functools
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metaug_jax import parallel
+from metaug_jax import ema, parallel
 from metaug_jax import queue as queue_lib
 from metaug_jax.losses import infonce_from_scores, nt_xent, nt_xent_scores
 from metaug_jax.models.layers import l2_normalize
@@ -383,3 +384,36 @@ def test_queue_scores_and_no_gradient():
   g_query, g_keys, g_new = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(query, q0.keys, new_keys)
   assert np.abs(np.asarray(g_query)).max() > 0
   assert (np.asarray(g_keys) == 0).all() and (np.asarray(g_new) == 0).all()
+
+
+# ---- EMA targets -----------------------------------------------------------------------------
+
+def test_byol_decay_schedule():
+  total, base = 1000, 0.996
+  assert math.isclose(float(ema.byol_decay(0, total, base)), base, rel_tol=1e-7)
+  assert math.isclose(float(ema.byol_decay(total // 2, total, base)), 1 - (1 - base) / 2,
+                      rel_tol=1e-7)
+  assert float(ema.byol_decay(total, total, base)) == 1.0
+  quarter = 1 - (1 - base) * (math.cos(math.pi / 4) + 1) / 2
+  traced = jax.jit(ema.byol_decay, static_argnums=(1,))(jnp.int32(250), total)
+  assert math.isclose(float(traced), quarter, rel_tol=1e-7)
+
+
+def test_ema_update_on_params_and_batch_stats():
+  target = {"params": {"w": jnp.array([[1.0, 2.0]]), "b": jnp.array([0.0])},
+            "batch_stats": {"mean": jnp.array([4.0, -4.0]), "var": jnp.array([1.0, 1.0])}}
+  online = {"params": {"w": jnp.array([[3.0, 0.0]]), "b": jnp.array([1.0])},
+            "batch_stats": {"mean": jnp.array([0.0, 0.0]), "var": jnp.array([2.0, 3.0])}}
+  new = ema.ema_update(target, online, 0.75)
+  want = {"params": {"w": [[1.5, 1.5]], "b": [0.25]},
+          "batch_stats": {"mean": [3.0, -3.0], "var": [1.25, 1.5]}}
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b), new, want)
+  moco = ema.momentum_update(target, online, ema.MOCO_MOMENTUM_CIFAR)
+  np.testing.assert_allclose(np.asarray(moco["params"]["w"]), [[1.02, 1.98]], rtol=1e-6)
+  # decay 1 keeps the target, decay 0 copies the online network.
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b),
+                         ema.ema_update(target, online, 1.0), target)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b),
+                         ema.ema_update(target, online, 0.0), online)
+  with pytest.raises(TypeError, match="floating"):
+    ema.ema_update({"n": jnp.array(1)}, {"n": jnp.array(2)}, 0.5)
