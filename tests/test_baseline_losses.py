@@ -1,7 +1,7 @@
 """The baselines' building blocks against direct NumPy float64 formulas, and 1 vs 4 devices.
 
-InfoNCE with plain / debiased / hard negatives, SimCLR's in-batch scores, MoCo's queue and the
-EMA target updates.
+InfoNCE with plain / debiased / hard negatives, SimCLR's in-batch scores, MoCo's queue, the
+EMA target updates, SimSiam's and BYOL's cosine losses and Barlow Twins.
 """
 
 import functools
@@ -14,7 +14,8 @@ import pytest
 
 from metaug_jax import ema, parallel
 from metaug_jax import queue as queue_lib
-from metaug_jax.losses import infonce_from_scores, nt_xent, nt_xent_scores
+from metaug_jax.losses import (barlow_twins, byol_loss, infonce_from_scores, negative_cosine,
+                               nt_xent, nt_xent_scores, symmetric_negative_cosine)
 from metaug_jax.models.layers import l2_normalize
 
 N_DEV = 4
@@ -190,11 +191,12 @@ def test_masked_scores_are_ignored(negatives):
 
 def test_anchor_without_valid_negatives():
   """No negative at all: the loss is -log(1) = 0 in every mode, with finite gradients."""
-  pos, neg = jnp.array([0.3, 0.5]), jnp.array([[0.1, 0.2], [0.4, -0.1]])
-  valid = jnp.array([[False, False], [True, True]])
+  pos = jnp.array([0.3, 0.5, 0.0, 0.2])
+  neg = jnp.array([[0.1, 0.2, 0.3], [0.4, -0.1, 0.0], [0.5, 0.5, 0.5], [-0.2, 0.1, 0.9]])
+  valid = jnp.array([[False] * 3, [True] * 3, [True, False, True], [False, True, False]])
   for negatives in ("plain", "debiased", "hard"):
     value, gp, gn = _infonce_and_grads(pos, neg, 0.1, valid, negatives)
-    assert float(value[0]) == 0.0 and float(value[1]) > 0.0
+    assert float(value[0]) == 0.0 and (np.asarray(value[1:]) > 0.0).all()
     assert np.isfinite(np.asarray(gp)).all() and np.isfinite(np.asarray(gn)).all()
     assert float(gp[0]) == 0.0 and (np.asarray(gn[0]) == 0).all()
 
@@ -202,8 +204,8 @@ def test_anchor_without_valid_negatives():
 @pytest.mark.parametrize("negatives", ["debiased", "hard"])
 def test_gradient_matches_finite_differences(negatives):
   """jax.grad in float64 against central differences of the NumPy reference."""
-  pos, neg, valid = _random_scores(6, b=3, k=6)
-  t, h = 0.5, 1e-6  # no row clamped (seed 6): every valid score has a gradient
+  pos, neg, valid = _random_scores(5)  # the shapes of the test above: compiled once
+  t, h = 0.5, 1e-6  # no row clamped (seed 5): every valid score has a gradient
   with jax.enable_x64(True):
     _, gp, gn = _infonce_and_grads(pos, neg, t, valid, negatives, 0.1, 1.0)
 
@@ -231,15 +233,16 @@ def test_gradients_finite_at_extreme_cosines(negatives):
   and (for MetAug's meta-gradient) second derivatives are finite."""
   pos = jnp.array([1.0, -1.0, 1.0, -1.0])
   neg = jnp.array([[1.0, -1.0, 1.0], [1.0, 1.0, 1.0], [-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
+  valid = jnp.ones(neg.shape, bool)  # (the shapes of the test above: compiled once)
 
   @jax.jit
   def second_order(p, n):
     def grad_norm(p, n):
-      _, gp, gn = _infonce_and_grads(p, n, 0.07, None, negatives, 0.1, 1.0)
+      _, gp, gn = _infonce_and_grads(p, n, 0.07, valid, negatives, 0.1, 1.0)
       return jnp.sum(gp ** 2) + jnp.sum(gn ** 2)
     return jax.grad(grad_norm, argnums=(0, 1))(p, n)
 
-  value, *grads = _infonce_and_grads(pos, neg, 0.07, None, negatives, 0.1, 1.0)
+  value, *grads = _infonce_and_grads(pos, neg, 0.07, valid, negatives, 0.1, 1.0)
   for a in (value, *grads, *second_order(pos, neg)):
     assert np.isfinite(np.asarray(a)).all()
   want = _np_infonce(np.asarray(pos, np.float64), np.asarray(neg, np.float64), 0.07,
@@ -417,3 +420,104 @@ def test_ema_update_on_params_and_batch_stats():
                          ema.ema_update(target, online, 0.0), online)
   with pytest.raises(TypeError, match="floating"):
     ema.ema_update({"n": jnp.array(1)}, {"n": jnp.array(2)}, 0.5)
+
+
+# ---- SimSiam / BYOL --------------------------------------------------------------------------
+
+def _np_cos(a, b):
+  return a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+
+
+def test_negative_cosine_and_byol_match_numpy():
+  rng = np.random.default_rng(10)
+  p1, p2, z1, z2 = (rng.normal(size=(6, 5)) for _ in range(4))
+  d12 = -np.mean([_np_cos(p1[i], z2[i]) for i in range(6)])
+  d21 = -np.mean([_np_cos(p2[i], z1[i]) for i in range(6)])
+  np.testing.assert_allclose(_jax64(jax.jit(negative_cosine), p1, z2), d12, rtol=1e-12)
+  np.testing.assert_allclose(_jax64(jax.jit(symmetric_negative_cosine), p1, p2, z1, z2),
+                             (d12 + d21) / 2, rtol=1e-12)
+  want = np.mean([np.sum((p1[i] / np.linalg.norm(p1[i]) - z2[i] / np.linalg.norm(z2[i])) ** 2)
+                  for i in range(6)])
+  np.testing.assert_allclose(_jax64(jax.jit(byol_loss), p1, z2), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("loss", [negative_cosine, byol_loss])
+def test_cosine_losses_stop_gradient_of_target(loss):
+  rng = np.random.default_rng(11)
+  p = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+  z = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+  gp, gz = jax.jit(jax.grad(loss, argnums=(0, 1)))(p, z)
+  assert (np.asarray(gz) == 0).all()
+  assert np.abs(np.asarray(gp)).max() > 1e-3
+
+
+# ---- Barlow Twins ----------------------------------------------------------------------------
+
+def _np_barlow(z1, z2, lam, eps=1e-5):
+  """Zbontar et al. 2021, Eq. 1 on batch-standardised embeddings (biased variance, eps)."""
+  n, d = z1.shape
+
+  def standardise(z):
+    mean = [sum(z[b, i] for b in range(n)) / n for i in range(d)]
+    var = [sum((z[b, i] - mean[i]) ** 2 for b in range(n)) / n for i in range(d)]
+    return np.array([[(z[b, i] - mean[i]) / math.sqrt(var[i] + eps) for i in range(d)]
+                     for b in range(n)])
+
+  a, b = standardise(z1), standardise(z2)
+  loss = 0.0
+  for i in range(d):
+    for j in range(d):
+      c = sum(a[r, i] * b[r, j] for r in range(n)) / n
+      loss += (1 - c) ** 2 if i == j else lam * c ** 2
+  return loss
+
+
+_barlow = jax.jit(barlow_twins, static_argnames=("axis_name",))
+
+
+def test_barlow_twins_matches_numpy():
+  rng = np.random.default_rng(12)
+  z1 = rng.normal(size=(8, 5)) * 2.0 + 1.0
+  z2 = z1 + 0.5 * rng.normal(size=(8, 5))
+  for lam in (0.0051, 0.5):
+    np.testing.assert_allclose(_jax64(_barlow, z1, z2, lambda_offdiag=lam),
+                               _np_barlow(z1, z2, lam), rtol=1e-10)
+  # Identical views with zero-mean, orthogonal columns: C = I / (1 + eps), the loss ~ 0.
+  a = rng.normal(size=(8, 4))
+  q, _ = np.linalg.qr(a - a.mean(axis=0))
+  z = q * np.sqrt(8)
+  np.testing.assert_allclose(_jax64(_barlow, z, z), 4 * (1e-5 / (1 + 1e-5)) ** 2,
+                             rtol=1e-6)
+
+
+def test_barlow_twins_pmap_matches_single_device():
+  """4 devices: every device returns the single-device value; pmean'd gradient equals it too."""
+  _needs_devices()
+  rng = np.random.default_rng(13)
+  w = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+  x1 = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
+  x2 = x1 + 0.3 * jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
+
+  def loss(w, a, b, axis_name=None):
+    return barlow_twins(a @ w, b @ w, 0.0051, axis_name)
+
+  value, grad = jax.jit(jax.value_and_grad(loss))(w, x1, x2)
+  np.testing.assert_allclose(
+      float(value), _np_barlow(np.asarray(x1 @ w, np.float64), np.asarray(x2 @ w, np.float64),
+                               0.0051), rtol=1e-5)
+
+  def per_device(w, a, b, axis_name):
+    v, g = jax.value_and_grad(loss)(w, a, b, axis_name)
+    return v, parallel.pmean(g)
+
+  run = jax.pmap(functools.partial(per_device, axis_name=parallel.AXIS),
+                 axis_name=parallel.AXIS, in_axes=(None, 0, 0), devices=jax.devices()[:N_DEV])
+  pv, pg = run(w, _shard(x1), _shard(x2))
+  np.testing.assert_allclose(np.asarray(pv), np.full(N_DEV, float(value)), rtol=1e-5)
+  for d in range(N_DEV):
+    np.testing.assert_allclose(np.asarray(pg[d]), np.asarray(grad), rtol=1e-4, atol=1e-5)
+  # Local statistics only (no axis): a different loss, so the gather is what makes it equal.
+  local = jax.pmap(functools.partial(per_device, axis_name=None), axis_name=parallel.AXIS,
+                   in_axes=(None, 0, 0), devices=jax.devices()[:N_DEV])
+  lv, _ = local(w, _shard(x1), _shard(x2))
+  assert abs(float(lv[0]) - float(value)) > 1e-2

@@ -1,21 +1,28 @@
 """Contrastive losses: NT-Xent, CMC bank InfoNCE, OUCL (spec 4.1) and the margin term (4.3);
-the InfoNCE family from scores (plain / debiased / hard negatives)."""
+the InfoNCE family from scores (plain / debiased / hard negatives) and the losses without
+negatives of the baselines (SimSiam, BYOL, Barlow Twins)."""
 
 from metaug_jax.losses.contrastive import bank_infonce, bank_scores, nt_xent, score_from_cosine
 from metaug_jax.losses.margin import MARGIN_TYPES, margin_regularizer, margin_thresholds
 from metaug_jax.losses.negatives import NEGATIVE_MODES, infonce_from_scores, nt_xent_scores
 from metaug_jax.losses.oucl import oucl
+from metaug_jax.losses.similarity import (barlow_twins, byol_loss, negative_cosine,
+                                          symmetric_negative_cosine)
 
 __all__ = [
     "MARGIN_TYPES",
     "NEGATIVE_MODES",
     "bank_infonce",
     "bank_scores",
+    "barlow_twins",
+    "byol_loss",
     "infonce_from_scores",
     "margin_regularizer",
     "margin_thresholds",
+    "negative_cosine",
     "nt_xent",
     "nt_xent_scores",
     "oucl",
     "score_from_cosine",
+    "symmetric_negative_cosine",
 ]
