@@ -2,11 +2,13 @@
 
 COMMAND: python -m metaug_jax.main --config=configs/digits.py --workdir=runs/digits
 Pre-training and the linear probe take a few minutes on a 2-core CPU. Variants:
-`configs/digits.py:cmc`, `:oucl_only`, `:simclr` select the baselines; `:tiny` is a seconds-long
-smoke run used by the tests.
+`configs/digits.py:NAME` selects any method (`:cmc`, `:simclr`, `:moco`, `:byol`, `:simsiam`,
+`:barlow_twins`, ...; `:oucl_only` is `metaug_oucl_only`); `:tiny` is a seconds-long smoke run
+used by the tests, combinable with the others (`:moco,tiny`).
 """
 
 from metaug_jax.config_base import get_base_config
+from metaug_jax.methods import registry
 
 
 def get_config(arg: str = ""):
@@ -33,12 +35,10 @@ def get_config(arg: str = ""):
   c.eval.probe_batch_size = 128
   c.eval.monitor_every_steps = 55     # 5 epochs
   for part in filter(None, arg.split(",")):
-    if part == "cmc":
-      c.method = "cmc"
-    elif part == "oucl_only":
+    if part == "oucl_only":
       c.method = "metaug_oucl_only"
-    elif part == "simclr":
-      c.method, c.model.share_encoder = "simclr", True
+    elif part in registry.names():
+      registry.apply_variant(c, part)
     elif part == "tiny":
       c.num_train_steps = 6
       c.batch_size = 32
@@ -53,5 +53,6 @@ def get_config(arg: str = ""):
       c.eval.tsne_max_points = 100
       c.progress_bar = False
     else:
-      raise ValueError(f"unknown digits config argument {part!r}; use cmc, oucl_only, simclr, tiny")
+      raise ValueError(f"unknown digits config argument {part!r}; use tiny, oucl_only or a "
+                       f"method: {', '.join(registry.names())}")
   return c

@@ -1,17 +1,23 @@
 """Runs several methods (or a hyperparameter grid) with identical data, budget and seeds.
 
-Prints a markdown table of linear-probe accuracies (mean +- std over seeds) and the measured
-seconds per training step, and writes it with the exact command to --out.
+Prints a markdown table of linear-probe accuracies (mean +- std over seeds), the probe of the
+same architecture at random initialisation (the floor, per row), and the measured seconds per
+training step, beside the paper's numbers, and writes it with the exact command to --out.
 
+  # every row of MetAug's Table 1 (SimCLR, CMC, MoCo, BYOL, Barlow Twins, the debiased and
+  # hard-negative variants, MetAug only-OUCL, MetAug), from the methods' registrations:
+  python experiments/compare.py --config=configs/digits.py --workdir=runs/table1 \
+      --methods=table1 --seeds=0,1,2 --out=experiments/results/digits_table1.md
+
+  # chosen methods (any registered name), or a grid over fields (one row per combination):
   python experiments/compare.py --config=configs/digits.py --workdir=runs/compare \
-      --methods=cmc,metaug_oucl_only,metaug --seeds=0,1,2 --out=experiments/results/digits.md
-
-  # a grid over MetAug's loss weights (one row per combination):
+      --methods=cmc,metaug_oucl_only,metaug --seeds=0,1,2
   python experiments/compare.py --config=configs/digits.py --workdir=runs/sweep --methods=metaug \
       --grid="metaug.lambda_aug=1e-5,1e-3,1e-1;metaug.lambda_mi=1e-9,1e-5,1e-2"
 
-Runs already finished in --workdir are reused (their probe JSON is read), so an interrupted
-comparison continues where it stopped.
+Each row applies its method's config variant (as `configs/NAME.py:METHOD` does), then its own
+overrides (e.g. loss.negatives=debiased), then the grid. Runs already finished in --workdir
+are reused (their probe JSON is read), so an interrupted comparison continues where it stopped.
 """
 
 import itertools
@@ -26,33 +32,39 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Parent directory of the runs.")
-_METHODS = flags.DEFINE_list("methods", ["cmc", "metaug_oucl_only", "metaug"], "Methods.")
+_METHODS = flags.DEFINE_list("methods", ["cmc", "metaug_oucl_only", "metaug"],
+                             "Registered method names, or 'table1' for every paper row.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (each run uses one).")
 _GRID = flags.DEFINE_string("grid", "", "'field=v1,v2;field2=w1,w2': the product is run.")
 _OUT = flags.DEFINE_string("out", "", "Markdown file to write the table (and command) to.")
 
 
-# Paper Table 1 (spec section 8): linear-probe top-1 %, (conv, fc), CMC backbone.
-PAPER_TABLE1 = {
-    "tiny_imagenet": {"cmc": (41.58, 40.11), "metaug_oucl_only": (42.02, 42.14),
-                      "metaug": (44.51, 45.36)},
-    "stl10": {"cmc": (83.03, 85.06), "metaug_oucl_only": (84.09, 84.72),
-              "metaug": (85.41, 85.62)},
-    "cifar10": {"cmc": (81.31, 83.28), "metaug_oucl_only": (85.98, 87.13),
-                "metaug": (87.87, 88.12)},
-    "cifar100": {"cmc": (58.13, 56.72), "metaug_oucl_only": (59.21, 58.73),
-                 "metaug": (59.97, 61.06)},
-}
+def _rows(names: list) -> list:
+  """[(label, method, overrides, paper numbers or None)] for --methods."""
+  from metaug_jax.methods import registry  # after the __main__ sys.path set-up
+  if names == ["table1"]:
+    return [(row.label, spec.name, dict(row.overrides), row.numbers)
+            for spec in registry.specs().values() for row in spec.paper_rows]
+  out = []
+  for name in names:
+    spec = registry.get(name)
+    paper = next((r.numbers for r in spec.paper_rows if not r.overrides), None)
+    out.append((name, name, {}, paper))
+  return out
 
 
-def _paper_rows(dataset: str, methods: list) -> str:
-  """The paper's numbers for the same methods, to print beside ours (empty if none)."""
-  table = PAPER_TABLE1.get(dataset)
-  if not table:
+def _paper_table(rows: list) -> str:
+  """The paper's numbers for our rows, every dataset of Table 1 (empty where none)."""
+  from metaug_jax.methods import registry
+  if not any(paper for *_, paper in rows):
     return ""
-  lines = [f"Paper (Li et al. 2022, Table 1, {dataset}; 300 epochs, best probe epoch):", "",
-           "| method | conv | fc |", "|---|---|---|"]
-  lines += [f"| {m} | {table[m][0]:.2f} | {table[m][1]:.2f} |" for m in methods if m in table]
+  sets = registry.TABLE1_DATASETS
+  lines = ["Paper (Li et al. 2022, Table 1; 300 epochs, best probe epoch), conv / fc:", "",
+           "| row | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+  for label, _, _, paper in rows:
+    cells = [f"{paper[d][0]:.2f} / {paper[d][1]:.2f}" if paper and d in paper else ""
+             for d in sets]
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -77,6 +89,7 @@ def _seconds_per_step(workdir: str) -> float:
 
 
 def run_one(config, workdir: str) -> dict:
+  """Trains and probes `config` in `workdir` (or reads the result of an earlier run)."""
   from metaug_jax import train
   done = os.path.join(workdir, "compare_result.json")
   if os.path.exists(done):
@@ -89,6 +102,19 @@ def run_one(config, workdir: str) -> dict:
   return result
 
 
+def floor_one(config, workdir: str) -> dict:
+  """The linear probe of `config`'s architecture at random initialisation (cached)."""
+  from metaug_jax import train
+  done = os.path.join(workdir, "floor_result.json")
+  if os.path.exists(done):
+    return json.load(open(done))
+  exp = train.build_experiment(config)
+  probe = train.evaluate_state(exp, exp.init_state(), title="random-init floor")
+  os.makedirs(workdir, exist_ok=True)
+  json.dump({"probe": probe}, open(done, "w"), indent=2)
+  return {"probe": probe}
+
+
 def _mean_std(values: list) -> str:
   import numpy as np
   if len(values) == 1:
@@ -96,38 +122,46 @@ def _mean_std(values: list) -> str:
   return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
 
 
+def _cell(runs: list, level: str) -> str:
+  accs = [r["probe"][level]["test_acc"] for r in runs if level in r["probe"]]
+  return _mean_std(accs) if accs else "–"
+
+
 def main(argv):
   del argv
+  from metaug_jax.methods import registry
   base = _CONFIG.value
+  grid = _parse_grid(_GRID.value)
   rows = []
-  for method, overrides in itertools.product(_METHODS.value, _parse_grid(_GRID.value)):
-    per_seed = []
+  for (label, method, row_overrides, paper), overrides in itertools.product(
+      _rows(_METHODS.value), grid):
+    per_seed, floors = [], []
     for seed in _SEEDS.value:
       config = base.copy_and_resolve_references()
-      config.method = method
+      registry.apply_variant(config, method)
       config.seed = int(seed)
       config.progress_bar = False
-      config.update_from_flattened_dict(overrides)
-      tag = "_".join([method, *(f"{k.split('.')[-1]}{v}" for k, v in overrides.items()),
+      config.update_from_flattened_dict({**row_overrides, **overrides})
+      tag = "_".join([method, *(f"{k.split('.')[-1]}{v}"
+                                for k, v in {**row_overrides, **overrides}.items()),
                       f"seed{seed}"])
       print(f"== {tag}", flush=True)
       per_seed.append(run_one(config, os.path.join(_WORKDIR.value, tag)))
-    rows.append((method, overrides, per_seed))
+      floors.append(floor_one(config, os.path.join(_WORKDIR.value, "floor_" + tag)))
+    rows.append((label, method, overrides, paper, per_seed, floors))
 
   levels = [lvl for lvl in ("conv", "fc", "mag_hidden")
-            if any(lvl in r["probe"] for _, _, runs in rows for r in runs)]
+            if any(lvl in r["probe"] for *_, runs, _ in rows for r in runs)]
   cmc_time = next((sum(r["seconds_per_step"] for r in runs) / len(runs)
-                   for m, _, runs in rows if m == "cmc"), None)
-  head = ["method", *(k for k in _parse_grid(_GRID.value)[0]),
-          *(f"{lvl} acc (final)" for lvl in levels), "s / step"]
+                   for label, _, _, _, runs, _ in rows if label in ("cmc", "CMC")), None)
+  head = ["row", *(k for k in grid[0]), *(f"{lvl} acc (final)" for lvl in levels),
+          *(f"{lvl} floor" for lvl in ("conv", "fc")), "s / step"]
   if cmc_time:
     head.append("step time / cmc")
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for method, overrides, runs in rows:
-    cells = [method, *(f"{v:g}" if isinstance(v, float) else str(v) for v in overrides.values())]
-    for lvl in levels:
-      accs = [r["probe"][lvl]["test_acc"] for r in runs if lvl in r["probe"]]
-      cells.append(_mean_std(accs) if accs else "–")
+  for label, method, overrides, _, runs, floors in rows:
+    cells = [label, *(f"{v:g}" if isinstance(v, float) else str(v) for v in overrides.values())]
+    cells += [_cell(runs, lvl) for lvl in levels] + [_cell(floors, l) for l in ("conv", "fc")]
     sps = sum(r["seconds_per_step"] for r in runs) / len(runs)
     cells.append(f"{sps:.3f}")
     if cmc_time:
@@ -135,7 +169,7 @@ def main(argv):
     lines.append("| " + " | ".join(cells) + " |")
   table = "\n".join(lines)
   seeds = ",".join(_SEEDS.value)
-  paper = _paper_rows(base.dataset, _METHODS.value)
+  paper = _paper_table([(label, m, o, p) for label, m, o, p, _, _ in rows])
   print(f"\nlinear-probe top-1 test accuracy (%), final probe epoch; seeds {seeds}\n{table}\n"
         f"\n{paper}")
   if _OUT.value:
@@ -143,10 +177,11 @@ def main(argv):
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
     with open(_OUT.value, "w") as f:
       f.write(f"# {os.path.basename(base.dataset)}: {', '.join(_METHODS.value)}\n\n"
-              f"Command:\n\n```\n{command}\n```\n\nLinear-probe top-1 test accuracy (%) at the "
-              f"final probe epoch, mean ± std over seeds {seeds}; s / step is the median "
-              f"training step time after compilation on this machine.\n\n{table}\n\n"
-              f"{paper}\n")
+              f"Command:\n\n```\n{command}\n```\n\nLinear-probe top-1 test accuracy (%) at "
+              f"the final probe epoch, mean ± std over seeds {seeds}; the floor is the same "
+              f"probe of the row's architecture at random initialisation (same seeds); "
+              f"s / step is the median training step time after compilation on this "
+              f"machine.\n\n{table}\n\n{paper}\n")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Tuples, not lists, so that ml_collections can override them from flags.
 
 import ml_collections
 
-METHODS = ("simclr", "cmc", "metaug_oucl_only", "metaug")
+NEGATIVES = ("plain", "debiased", "hard")  # loss.negatives
 DATASETS = ("digits", "cifar10", "cifar100", "stl10", "tiny_imagenet", "cifar_archive",
             "folder", "npz")
 VIEW_KINDS = ("lab", "lab2", "augmented_copies", "simclr")
@@ -32,7 +32,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   """Defaults shared by all setups (the quick-start digits values where a choice is needed)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.method = "metaug"            # one of METHODS
+  c.method = "metaug"            # a method registered in metaug_jax/methods/ (README: Methods)
   c.num_devices = 0              # 0: all local devices; n: the first n (pmap'ed over them)
 
   # ---- data -------------------------------------------------------------------------------
@@ -112,6 +112,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.loss.oucl_margin = 0.25      # lambda (form 1 hinge margin) / gamma (form 2 circle margin)
   c.loss.oucl_adaptive = False   # circle-style Gamma weights (stop-gradient) in form 3
   c.loss.oucl_scale = "code"     # "code": 16/beta prefactor; "paper": 1/beta
+  # InfoNCE negatives of simclr / cmc / moco: "plain", "debiased" (Chuang et al. 2020, class
+  # prior tau_plus) or "hard" (Robinson et al. 2021, concentration hard_beta; with tau_plus).
+  c.loss.negatives = "plain"
+  c.loss.tau_plus = 0.1
+  c.loss.hard_beta = 1.0
 
   # ---- memory bank (CMC NCE-average style, spec 3.3) ----------------------------------------
   c.bank = ml_collections.ConfigDict()
@@ -166,6 +171,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.monitor_examples = 512  # test examples the online monitor classifies
   c.eval.plots = True            # PNG diagnostics in the workdir at the end of training
   c.eval.tsne_max_points = 1000  # test points in the 2-D embedding plot
+
+  # ---- each method's own section (moco, byol, ...), defined with the method ----------------
+  from metaug_jax.methods import registry  # pylint: disable=g-import-not-at-top
+  for name, section in registry.config_sections().items():
+    c[name] = section
   return c
 
 
@@ -205,10 +215,14 @@ def paper_config(dataset: str, arg: str = ""):
       c.data.input_size = 32 if dataset in ("cifar10", "cifar100") else 64
       c.model.encoder = "alexnet_small"
       c.batch_size = 128
-    elif part in ("cmc", "oucl_only"):
-      c.method = {"cmc": "cmc", "oucl_only": "metaug_oucl_only"}[part]
+    elif part == "oucl_only":
+      c.method = "metaug_oucl_only"
     elif part == "legacy":
       c.metaug.algorithm = "legacy"
     else:
-      raise ValueError(f"unknown config argument {part!r}; use small, cmc, oucl_only, legacy")
+      from metaug_jax.methods import registry  # pylint: disable=g-import-not-at-top
+      if part not in registry.names():
+        raise ValueError(f"unknown config argument {part!r}; use small, oucl_only, legacy or "
+                         f"a method: {', '.join(registry.names())}")
+      registry.apply_variant(c, part)
   return c

@@ -20,7 +20,22 @@ def _choice(errors, name, value, allowed):
 def validate(config, num_devices: int, process_count: int = 1) -> None:
   """Raises ConfigError if the config cannot run on `num_devices` local devices."""
   e = []
-  _choice(e, "method", config.method, config_base.METHODS)
+  from metaug_jax.methods import registry  # pylint: disable=g-import-not-at-top
+  _choice(e, "method", config.method, registry.names())
+  if config.method in registry.names() and registry.get(config.method).check:
+    e.extend(registry.get(config.method).check(config))
+  _choice(e, "loss.negatives", config.loss.negatives, config_base.NEGATIVES)
+  if not 0.0 <= config.loss.tau_plus < 1.0:
+    e.append(f"config.loss.tau_plus={config.loss.tau_plus} must be in [0, 1).")
+  if not config.loss.hard_beta >= 0.0:
+    e.append(f"config.loss.hard_beta={config.loss.hard_beta} must be >= 0.")
+  for name, (low, high, integer) in registry.section_ranges().items():
+    section, field = name.split(".")
+    value = config[section][field]
+    if (integer and value != int(value)) or not (low is None or value >= low) \
+        or not (high is None or value <= high):
+      e.append(f"config.{name}={value} must be {'an integer ' if integer else ''}in "
+               f"[{low}, {'inf' if high is None else high}].")
   _choice(e, "dataset", config.dataset, config_base.DATASETS)
   _choice(e, "data.views", config.data.views, config_base.VIEW_KINDS)
   _choice(e, "model.encoder", config.model.encoder, config_base.ENCODERS)

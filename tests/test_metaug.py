@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from metaug_jax import parallel
-from metaug_jax.methods import DataFacts, MetAug
+from metaug_jax.methods import DataFacts
+from metaug_jax.methods.metaug import MetAug
 from metaug_jax.models import layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

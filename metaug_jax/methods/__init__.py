@@ -1,16 +1,25 @@
-"""Methods by name: `build(config, facts)` returns the object whose train_step is pmapped."""
+"""Methods by name: `build(config, facts)` returns the object whose train_step is pmapped.
 
+Every module of this package that defines a method registers it (`registry.register`); they
+are all imported here, so `registry.names()` lists every `config.method` value.
+"""
+
+import importlib
+import pkgutil
+
+from metaug_jax.methods import registry
 from metaug_jax.methods.base import DataFacts, Method
 from metaug_jax.methods.common import TrainState
-from metaug_jax.methods.contrastive import CMC, SimCLR
-from metaug_jax.methods.metaug import MetAug
 
-REGISTRY = {"simclr": SimCLR, "cmc": CMC, "metaug_oucl_only": MetAug, "metaug": MetAug}
+_INFRASTRUCTURE = {"base", "common", "registry"}
+for _module in pkgutil.iter_modules(__path__):
+  if _module.name not in _INFRASTRUCTURE:
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def build(config, facts: DataFacts) -> Method:
-  if config.method not in REGISTRY:
-    raise ValueError(f"unknown method {config.method!r}; choose one of {sorted(REGISTRY)}")
-  return REGISTRY[config.method](config, facts)
+  """The method `config.method` for data described by `facts`."""
+  return registry.get(config.method).cls(config, facts)
 
-__all__ = ["CMC", "DataFacts", "Method", "MetAug", "REGISTRY", "SimCLR", "TrainState", "build"]
+
+__all__ = ["DataFacts", "Method", "TrainState", "build", "registry"]

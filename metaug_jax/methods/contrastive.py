@@ -6,9 +6,25 @@ import jax
 import jax.numpy as jnp
 
 from metaug_jax import losses, memory_bank, parallel
-from metaug_jax.methods import base, common
+from metaug_jax.methods import base, common, registry
+from metaug_jax.methods.registry import PaperRow, table1
 
 
+def _shared_encoder(config) -> None:
+  """One encoder for every view: views of one shape (RGB crops instead of Lab splits)."""
+  if config.data.views in ("lab", "lab2"):
+    config.data.views, config.data.num_views = "simclr", 2
+  config.model.share_encoder = True
+
+
+@registry.register(
+    "simclr", summary="SimCLR: in-batch NT-Xent over every pair of views, one shared encoder",
+    variant=_shared_encoder, paper_rows=(
+        PaperRow("SimCLR", {}, table1(36.24, 39.83, 75.57, 77.15, 80.58, 80.07, 50.03, 49.82)),
+        PaperRow("SimCLR + Debiased", {"loss.negatives": "debiased"},
+                 table1(38.79, 40.26, 77.09, 78.39, 80.89, 80.93, 51.38, 51.09)),
+        PaperRow("SimCLR + Hard", {"loss.negatives": "hard"},
+                 table1(40.05, 41.23, 79.86, 80.20, 82.13, 82.76, 52.69, 53.13))))
 class SimCLR(base.Method):
   """NT-Xent over every pair of views, negatives gathered from all devices (Chen et al. 2020)."""
 
@@ -22,8 +38,7 @@ class SimCLR(base.Method):
                                          views)
       z = common.embeddings(outs)
       pairs = list(itertools.combinations(range(self.num_views), 2))
-      loss = sum(losses.nt_xent(z[i], z[j], cfg.loss.temperature, axis_name=parallel.AXIS)
-                 for i, j in pairs) / len(pairs)
+      loss = sum(self._nt_xent(z[i], z[j]) for i, j in pairs) / len(pairs)
       return loss, stats
 
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["encoder"])
@@ -34,7 +49,25 @@ class SimCLR(base.Method):
     metrics = {"loss": loss, "grad_norm": common.global_norm(grads), "update_norm": update_norm}
     return new_state, parallel.pmean(metrics)
 
+  def _nt_xent(self, z1, z2):
+    """Mean NT-Xent of one view pair, with `loss.negatives` plain, debiased or hard."""
+    lc = self.config.loss
+    if lc.negatives == "plain":
+      return losses.nt_xent(z1, z2, lc.temperature, axis_name=parallel.AXIS)
+    pos, neg, valid = losses.nt_xent_scores(z1, z2, axis_name=parallel.AXIS)
+    return jnp.mean(losses.infonce_from_scores(pos, neg, lc.temperature, valid=valid,
+                                               negatives=lc.negatives, tau_plus=lc.tau_plus,
+                                               beta=lc.hard_beta))
 
+
+@registry.register(
+    "cmc", summary="CMC: InfoNCE of each view against the other views' memory banks",
+    paper_rows=(
+        PaperRow("CMC", {}, table1(41.58, 40.11, 83.03, 85.06, 81.31, 83.28, 58.13, 56.72)),
+        PaperRow("CMC + Debiased", {"loss.negatives": "debiased"},
+                 table1(41.64, 41.36, 83.79, 84.20, 82.17, 83.72, 58.48, 57.16)),
+        PaperRow("CMC + Hard", {"loss.negatives": "hard"},
+                 table1(42.89, 42.01, 83.16, 85.15, 83.04, 86.22, 58.97, 59.13))))
 class CMC(base.Method):
   """CMC (Tian et al. 2020): InfoNCE of each view's query against the other views' banks.
 
@@ -57,7 +90,7 @@ class CMC(base.Method):
       outs, stats = common.apply_encoder(self.encoder, params, state.batch_stats["encoder"],
                                          views)
       z = common.embeddings(outs)
-      per_direction = [jnp.mean(losses.bank_infonce(z[x], rows[y], cfg.loss.temperature))
+      per_direction = [jnp.mean(self._bank_infonce(z[x], rows[y]))
                        for x, y in memory_bank.directions(self.num_views)]
       return sum(per_direction), (stats, z)
 
@@ -74,3 +107,14 @@ class CMC(base.Method):
     metrics = {"loss": loss, "grad_norm": common.global_norm(grads), "update_norm": update_norm,
                **common.score_stats(pos, neg)}
     return new_state, parallel.pmean(metrics)
+
+  def _bank_infonce(self, query, rows):
+    """Per-anchor InfoNCE against K+1 bank rows, with `loss.negatives` plain, debiased or
+    hard (the positive is column 0)."""
+    lc = self.config.loss
+    if lc.negatives == "plain":
+      return losses.bank_infonce(query, rows, lc.temperature)
+    scores = losses.bank_scores(query, rows)
+    return losses.infonce_from_scores(scores[:, 0], scores[:, 1:], lc.temperature,
+                                      negatives=lc.negatives, tau_plus=lc.tau_plus,
+                                      beta=lc.hard_beta)

@@ -4,6 +4,8 @@ Every encoder maps NHWC images (B, S, S, C) to a dict with the linear probe's tw
 levels and the contrastive embedding (spec 7, A9):
   conv: (B, F_conv) flattened output of the last conv block,
   fc: (B, F_fc) first fc layer after BN + ReLU,
+  projection: (B, embedding_dim) the last Dense layer's output before the L2 normalisation
+    (what BYOL's and SimSiam's predictors and Barlow Twins' loss read),
   embedding: (B, embedding_dim) L2-normalised, float32.
 All outputs are at least float32 whatever the compute dtype; parameters are always float32.
 """
@@ -60,6 +62,7 @@ def _head(self_: nn.Module, conv_feat: jax.Array, fc_dims: Sequence[int], train:
   out = {
       "conv": conv_feat.astype(output_dtype(z.dtype)),
       "fc": fc_feat.astype(output_dtype(z.dtype)),
+      "projection": z.astype(output_dtype(z.dtype)),
       "embedding": l2_normalize(z.astype(output_dtype(z.dtype))),
   }
   batch = conv_feat.shape[0]

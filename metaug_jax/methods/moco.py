@@ -1,0 +1,100 @@
+"""MoCo v2 (He et al., CVPR 2020; Chen et al., arXiv 2003.04297): a momentum key encoder and
+a queue of past keys as negatives.
+
+Per step: the key encoder moves towards the query encoder (theta_k <- m theta_k + (1 - m)
+theta_q, MoCo Eq. 2), encodes both views without gradient, and each view's query is
+contrasted with the other view's key against the queue (InfoNCE, MoCo Eq. 1, temperature 0.2;
+`loss.negatives` selects the debiased or hard-negative form). The loss is symmetrised over the
+two views and both views' keys are enqueued, the form most CIFAR-scale reproductions use
+(the paper's is one direction). The queue only ever receives keys, never augmented features.
+
+BatchNorm: statistics are synchronised over every device in both encoders (one global batch),
+so MoCo's shuffled BN, which hides a query's sub-batch from its key's, would change nothing
+here and is not used.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from metaug_jax import ema, losses, parallel, queue
+from metaug_jax.methods import common, registry, siamese
+from metaug_jax.methods.registry import PaperRow, table1
+
+
+def defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.queue_size = 4096        # K negatives (the paper: 65536 on ImageNet)
+  c.momentum = 0.99          # m of the key encoder (0.999 on ImageNet)
+  c.temperature = 0.2        # MoCo v2
+  c.symmetric = True         # both directions (q1 vs k2 and q2 vs k1), both keys enqueued
+  return c
+
+
+def _check(config) -> list:
+  problems = siamese.two_view_check("moco")(config)
+  keys_per_step = config.batch_size * (2 if config.moco.symmetric else 1)
+  if config.moco.queue_size < keys_per_step:
+    problems.append(f"config.moco.queue_size={config.moco.queue_size} is smaller than the "
+                    f"{keys_per_step} keys enqueued per step; pass a larger queue or batch "
+                    f"fewer images.")
+  return problems
+
+
+@registry.register(
+    "moco", summary="MoCo v2: momentum key encoder, queue of negatives, InfoNCE (t = 0.2)",
+    section="moco", defaults=defaults,
+    ranges={"queue_size": (1, None, True), "momentum": (0.0, 1.0, False),
+            "temperature": (1e-6, None, False)},
+    variant=siamese.two_view_variant, check=_check,
+    paper_rows=(PaperRow("MoCo", {}, table1(35.90, 41.37, 77.50, 79.73, 76.37, 79.30,
+                                             51.04, 52.31)),))
+class MoCo(siamese.TwoViewMethod):
+  """MoCo v2 with a shared two-view query encoder and its momentum copy."""
+
+  def _init_extra(self, state, key, variables, sample_views):
+    state = self.copy_of_encoder(state, "key_encoder")
+    return state.replace(banks=queue.init_queue(key, int(self.config.moco.queue_size),
+                                                int(self.config.model.embedding_dim)))
+
+  def _infonce(self, q, k, keys_queue):
+    """Per-anchor InfoNCE of queries q against their keys k and the queued negatives."""
+    lc = self.config.loss
+    pos = jnp.sum(q * k, axis=-1)
+    neg = queue.scores(q, keys_queue)
+    return losses.infonce_from_scores(pos, neg, self.config.moco.temperature,
+                                      negatives=lc.negatives, tau_plus=lc.tau_plus,
+                                      beta=lc.hard_beta), (pos, neg)
+
+  def train_step(self, state, batch):
+    mc = self.config.moco
+    views = self.views(state, batch)
+    # Momentum update from the current query encoder, then the keys (as MoCo's code does).
+    key_params = ema.ema_update(state.params["key_encoder"], state.params["encoder"],
+                                mc.momentum)
+    key_outs, key_stats = common.apply_encoder(self.encoder, key_params,
+                                               state.batch_stats["key_encoder"], views)
+    k = [jax.lax.stop_gradient(e) for e in common.embeddings(key_outs)]
+    pairs = ((0, 1), (1, 0)) if mc.symmetric else ((0, 1),)
+
+    def loss_fn(params):
+      outs, stats = common.apply_encoder(self.encoder, params, state.batch_stats["encoder"],
+                                         views)
+      q = common.embeddings(outs)
+      terms = [self._infonce(q[i], k[j], state.banks) for i, j in pairs]
+      loss = sum(jnp.mean(t[0]) for t in terms) / len(terms)
+      return loss, (stats, terms[0][1])
+
+    (loss, (stats, (pos, neg))), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params["encoder"])
+    grads = parallel.pmean(grads)
+    params, opt, update_norm = self._apply_encoder_update(state, grads)
+    enqueued = jnp.concatenate([parallel.gather_rows(k[j]) for _, j in pairs], axis=0)
+    new_state = state.replace(
+        step=state.step + 1,
+        params={"encoder": params, "key_encoder": key_params},
+        batch_stats={"encoder": stats, "key_encoder": key_stats},
+        opt_state={"encoder": opt}, banks=queue.enqueue(state.banks, enqueued))
+    metrics = {"loss": loss, "grad_norm": common.global_norm(grads),
+               "update_norm": update_norm, **common.score_stats(pos, neg)}
+    return new_state, parallel.pmean(metrics)

@@ -1,0 +1,64 @@
+"""SimSiam (Chen & He, CVPR 2021): a predictor and a stop-gradient, nothing else.
+
+Loss: D(p_1, sg(z_2)) / 2 + D(p_2, sg(z_1)) / 2 with D the negative cosine (Eqs. 1-2), z the
+projection (our encoders' fc head; the paper ends its projector with a BatchNorm) and p the
+bottleneck predictor (Sec. 4.4: 512 hidden for a 2048-wide projection; here a quarter of
+`model.embedding_dim` by default). The base method of hierarchical augmentation invariance.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from metaug_jax import losses, parallel
+from metaug_jax.methods import common, registry, siamese
+
+
+def defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.predictor_hidden = 0     # 0: model.embedding_dim // 4 (the paper's 512 for 2048)
+  return c
+
+
+@registry.register(
+    "simsiam", summary="SimSiam: predictor + stop-gradient, negative cosine, no negatives",
+    section="simsiam", defaults=defaults, ranges={"predictor_hidden": (0, None, True)},
+    variant=siamese.two_view_variant, check=siamese.two_view_check("simsiam"))
+class SimSiam(siamese.TwoViewMethod):
+  """SimSiam with a shared two-view encoder and its bottleneck predictor."""
+
+  def predictor_width(self):
+    hidden = int(self.config.simsiam.predictor_hidden)
+    return hidden or max(1, int(self.config.model.embedding_dim) // 4)
+
+  def _init_extra(self, state, key, variables, sample_views):
+    return self._init_predictor(state, key)
+
+  def train_step(self, state, batch):
+    views = self.views(state, batch)
+
+    def loss_fn(online):
+      outs, enc_stats = common.apply_encoder(self.encoder, online["encoder"],
+                                             state.batch_stats["encoder"], views)
+      z1, z2 = (o["projection"] for o in outs)
+      p, pred_stats = self.predict(online["predictor"], state.batch_stats["predictor"],
+                                   jnp.concatenate([z1, z2], axis=0))
+      p1, p2 = jnp.split(p, 2, axis=0)
+      loss = losses.symmetric_negative_cosine(p1, p2, z1, z2)
+      return loss, (enc_stats, pred_stats, z1)
+
+    online = {"encoder": state.params["encoder"], "predictor": state.params["predictor"]}
+    (loss, (enc_stats, pred_stats, z1)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        online)
+    grads = parallel.pmean(grads)
+    enc_params, enc_opt, update_norm = self._apply_encoder_update(state, grads["encoder"])
+    pred_params, pred_opt = self._apply_part_update(state, "predictor", grads["predictor"])
+    new_state = state.replace(
+        step=state.step + 1, params={"encoder": enc_params, "predictor": pred_params},
+        batch_stats={"encoder": enc_stats, "predictor": pred_stats},
+        opt_state={"encoder": enc_opt, "predictor": pred_opt})
+    # The collapse monitor of the paper (Fig. 2): std of the l2-normalised projection.
+    z_std = jnp.mean(jnp.std(z1 / jnp.linalg.norm(z1, axis=-1, keepdims=True), axis=0))
+    metrics = {"loss": loss, "grad_norm": common.global_norm(grads),
+               "update_norm": update_norm, "projection_std": z_std}
+    return new_state, parallel.pmean(metrics)
