@@ -80,8 +80,12 @@ def test_four_devices_match_one_device(method):
   config = tiny(method)
   _, one, m1 = run(config, 1, 2)
   _, four, m4 = run(config, 4, 2)
-  assert max_diff(one[-1].params, four[-1].params) < 2e-5
-  assert max_diff(one[-1].banks, four[-1].banks) < 2e-5 if one[-1].banks is not None else True
+  # Float rounding (1e-7) grows with the size of a step's update: Barlow Twins' summed loss
+  # takes steps of norm ~2 at the digits learning rate.
+  step = max(1.0, max_diff(one[0].params, one[1].params))
+  assert max_diff(one[-1].params, four[-1].params) < 2e-5 * step
+  if one[-1].banks is not None:
+    assert max_diff(one[-1].banks, four[-1].banks) < 2e-5 * step
   np.testing.assert_allclose(m1[-1]["loss"], m4[-1]["loss"], rtol=1e-4)
 
 
@@ -96,12 +100,15 @@ def test_moco_key_encoder_follows_the_query_encoder_and_the_queue_takes_its_keys
                         old.params["encoder"])
     assert max_diff(want, new.params["key_encoder"]) < 1e-6
     # Both views' keys of this step, written at the old pointer (mod K), nothing else moved.
-    views = jax.vmap(lambda im: exp.method.views(old, {"image": im}), axis_name=parallel.AXIS)(
-        exp.loader.batch_at(s)["image"])
-    outs = exp.method.encoder.apply(
-        {"params": new.params["key_encoder"], "batch_stats": old.batch_stats["key_encoder"]},
-        tuple(v[0] for v in views), train=True, mutable=["batch_stats"])[0]
-    keys = np.concatenate([outs[1]["embedding"], outs[0]["embedding"]])
+    def key_embeddings(images):
+      views = exp.method.views(old, {"image": images})
+      outs = exp.method.encoder.apply(
+          {"params": new.params["key_encoder"], "batch_stats": old.batch_stats["key_encoder"]},
+          views, train=True, mutable=["batch_stats"])[0]
+      return jnp.concatenate([outs[1]["embedding"], outs[0]["embedding"]])
+
+    keys = jax.vmap(key_embeddings, axis_name=parallel.AXIS)(
+        exp.loader.batch_at(s)["image"])[0]
     rows = (int(old.banks.ptr) + np.arange(2 * g)) % size
     np.testing.assert_allclose(np.asarray(new.banks.keys)[rows], keys, atol=2e-5)
     untouched = np.setdiff1d(np.arange(size), rows)

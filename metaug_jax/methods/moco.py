@@ -70,8 +70,8 @@ class MoCo(siamese.TwoViewMethod):
     mc = self.config.moco
     views = self.views(state, batch)
     # Momentum update from the current query encoder, then the keys (as MoCo's code does).
-    key_params = ema.ema_update(state.params["key_encoder"], state.params["encoder"],
-                                mc.momentum)
+    key_params = ema.momentum_update(state.params["key_encoder"], state.params["encoder"],
+                                     mc.momentum)
     key_outs, key_stats = common.apply_encoder(self.encoder, key_params,
                                                state.batch_stats["key_encoder"], views)
     k = [jax.lax.stop_gradient(e) for e in common.embeddings(key_outs)]
