@@ -30,7 +30,11 @@ Sections (`--only`, comma-separated; default all):
            accelerator: those share the same cores, so this measures overhead, not speed-up);
   parts    where a MetAug step's time goes: the views, Phase A (encoder step objective with
            the MAGs frozen) and Phase B (the second-order MAG meta-gradient), each compiled
-           and timed alone, next to the full step.
+           and timed alone, next to the full step;
+  methods  every registered method (metaug_jax/methods/, the paper's baselines included) on
+           the digits encoder and the 32x32 AlexNet, each with its config variant (the
+           Siamese baselines: two RGB crops through one shared encoder), with its step time
+           and memory as a ratio to the plain `cmc` step on the same encoder and batch.
 
 Per setting: lower and compile time of the pmapped step (`.lower().compile()`; the compiled
 executable is what runs afterwards, so nothing compiles twice), the median seconds per step
@@ -111,6 +115,7 @@ ANCHOR_EXTRA_METHODS = ("metaug_fused_remat", "metaug_lean", "metaug_fused_lean"
                         "metaug_fused_lean_nocse", "metaug_oucl_only_ynnpack", "metaug_ynnpack",
                         "metaug_fused_ynnpack", "cmc_ynnpack")
 ANCHOR = {"encoder": "alexnet_half", "batch": 64, "negatives": 1024, "bank_rows": 5000}
+METHODS_SETTINGS = (("digits_conv", 128), ("alexnet_small", 64))  # the methods section
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,9 +165,9 @@ def make_config(setting: Setting):
   sys.path.insert(0, os.path.join(ROOT, "configs"))
   import digits  # pylint: disable=g-import-not-at-top  (configs/digits.py)
   from metaug_jax import config_base  # pylint: disable=g-import-not-at-top
+  from metaug_jax.methods import registry  # pylint: disable=g-import-not-at-top
   if setting.encoder == "digits_conv":
     c = digits.get_config()
-    c.model.share_encoder = setting.method == "simclr"
   elif setting.encoder == "alexnet_half":
     c = config_base.paper_config("cifar10")              # 224x224, lab views, K=1024
   elif setting.encoder in ("alexnet_small", "resnet18"):
@@ -170,7 +175,8 @@ def make_config(setting: Setting):
     c.model.encoder = setting.encoder
   else:
     raise ValueError(f"unknown encoder {setting.encoder!r}; choose from {ENCODERS}")
-  c.method, variant_overrides = STEP_VARIANTS.get(setting.method, (setting.method, ()))
+  method, variant_overrides = STEP_VARIANTS.get(setting.method, (setting.method, ()))
+  registry.apply_variant(c, method)   # e.g. one shared encoder for simclr and the Siamese ones
   c.batch_size = setting.batch
   c.num_devices = setting.num_devices
   c.metaug.algorithm = "paper"
@@ -425,6 +431,13 @@ def plan(sections, encoders, batches, steps: int, warmup: int, anchor_steps: int
         todo.append(Setting("scaling", scaling_encoder, method, scaling_batch, num_devices=n,
                             simulated=simulated, warmup=warmup, steps=steps,
                             overrides=overrides))
+  if "methods" in sections:
+    from metaug_jax.methods import registry  # pylint: disable=g-import-not-at-top
+    for encoder, batch in METHODS_SETTINGS:
+      if encoder in encoders:
+        for method in ("cmc",) + tuple(m for m in registry.names() if m != "cmc"):
+          todo.append(Setting("methods", encoder, method, batch, warmup=warmup, steps=steps,
+                              overrides=overrides))
   if "parts" in sections:
     for encoder in encoders:
       batch = ANCHOR["batch"] if encoder == ANCHOR["encoder"] else \
@@ -563,6 +576,27 @@ def _ratio_table(rows) -> list:
         ratio(t.get("metaug_oucl_only"), t.get("cmc")),
         ratio(t.get("cmc_ynnpack"), t.get("cmc")),
         ratio(t.get("metaug_fused_ynnpack"), t.get("metaug_fused"))]) + " |")
+  return lines
+
+
+def _methods_table(rows) -> list:
+  """A row per method: step time and memory, and their ratios to cmc's on the same setting."""
+  cmc = {(s.encoder, s.batch): r for s, r in rows if s.method == "cmc" and "error" not in r}
+  head = ["encoder", "batch", "method", "views", "s / step", "step / cmc", "XLA temp MiB",
+          "temp / cmc", "peak RSS MiB", "RSS / cmc", "compile s"]
+  lines = _table_head(head)
+  ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "–"
+  for s, r in rows:
+    if "error" in r:
+      lines.append(f"| {s.encoder} | {s.batch} | {s.label} | error: {r['error'][:200]} |")
+      continue
+    base = cmc.get((s.encoder, s.batch), {})
+    lines.append("| " + " | ".join([
+        s.encoder, str(s.batch), s.label, str(r["views"]), _s(r["step_s"]),
+        ratio(r["step_s"], base.get("step_s")), _f(r["temp_mib"], ".0f"),
+        ratio(r["temp_mib"], base.get("temp_mib")), _f(r["peak_rss_mib"], ".0f"),
+        ratio(r["peak_rss_mib"], base.get("peak_rss_mib")),
+        _f(r["lower_s"] + r["compile_s"], ".1f")]) + " |")
   return lines
 
 
@@ -731,6 +765,15 @@ def render_markdown(results: dict, meta: dict) -> str:
         "Real devices; efficiency = (images/s at N) / (images/s at 1) / N (1.0 = linear)."
     out += ["## Scaling: one global batch over N devices", "", caption, "",
             *_scaling_table(scaling), ""]
+  by_method = pick("methods")
+  if by_method:
+    out += ["## Every method's step", "",
+            "Each registered method with its config variant (`configs/digits.py:NAME`; on the "
+            "32x32 AlexNet `configs/cifar10.py:small,NAME`): cmc, the MetAug steps and the "
+            "baselines. The Siamese baselines (moco, byol, simsiam, barlow_twins) and simclr "
+            "contrast two views through one shared encoder, cmc and MetAug one encoder per "
+            "view (3 Lab views on the AlexNet), so the ratios to `cmc` compare whole methods "
+            "as a user would run them, not equal networks.", "", *_methods_table(by_method), ""]
   parts = pick("parts")
   if parts:
     out += ["## Where a MetAug step's time goes", "",
@@ -747,8 +790,8 @@ def render_markdown(results: dict, meta: dict) -> str:
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description="Step-time / memory benchmark (see module doc).")
-  p.add_argument("--only", default="steps,anchor,scaling,parts",
-                 help="comma list of sections: steps, anchor, scaling, parts")
+  p.add_argument("--only", default="steps,anchor,scaling,parts,methods",
+                 help="comma list of sections: steps, anchor, scaling, parts, methods")
   p.add_argument("--encoders", default=",".join(ENCODERS), help="comma list of encoders")
   p.add_argument("--methods", default="",
                  help="only these steps in the steps/anchor sections, e.g. 'cmc,metaug_fused' "
