@@ -163,6 +163,15 @@ def test_write_all_draws_every_plot_from_files(tmp_path):
   assert list(series["oucl"][0]) == list(range(10, 110, 10))   # re-logged step kept once
 
 
+def test_curves_draw_a_method_s_own_metrics_without_a_panel_entry():
+  steps = np.arange(3)
+  series = {k: (steps, np.ones(3)) for k in ("loss", "target_decay", "pos_mean", "pos_std",
+                                             "steps_per_sec", "monitor_pos_mean")}
+  titles = [title for title, _, _ in plots.curve_panels(series)]
+  assert "loss" in titles and "target_decay" in titles      # a BYOL metric, no entry needed
+  assert "pos_std" not in titles and "steps_per_sec" not in titles
+
+
 def test_write_all_is_robust_to_missing_and_broken_files(tmp_path):
   assert plots.write_all(str(tmp_path)) == []                   # nothing logged yet
   (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 5, "loss": 1.0}) + "\n")

@@ -101,11 +101,27 @@ def _new_figure(width: float, height: float) -> Figure:
 # ---- drawing -------------------------------------------------------------------------------
 
 
-def plot_curves(series: dict, path: str) -> Optional[str]:
-  """curves.png from `metric_series` output; None when no known metric is present."""
+# Logged keys that are not training curves (or are drawn elsewhere).
+_NOT_CURVES = ("steps_per_sec",)
+MAX_EXTRA_PANELS = 6
+
+
+def curve_panels(series: dict) -> list:
+  """[(title, keys, log y)] to draw: the panels of CURVE_PANELS with a logged key, then one
+  panel per other metric a method logs (a new method's own diagnostics, e.g. BYOL's
+  target_decay), up to MAX_EXTRA_PANELS."""
   panels = [(title, [k for k in keys if k in series], log)
             for title, keys, log in CURVE_PANELS]
   panels = [p for p in panels if p[1]]
+  known = {k for _, keys, _ in CURVE_PANELS for k in keys} | set(_NOT_CURVES)
+  extra = sorted(k for k in series if k not in known and not k.startswith(("monitor_", "hist_"))
+                 and not k.endswith("_std"))  # spreads go with the means drawn above
+  return panels + [(k, [k], False) for k in extra[:MAX_EXTRA_PANELS]]
+
+
+def plot_curves(series: dict, path: str) -> Optional[str]:
+  """curves.png from `metric_series` output; None when no metric is present."""
+  panels = curve_panels(series)
   if not panels:
     return None
   cols = min(3, len(panels))

@@ -60,5 +60,5 @@ class SimSiam(siamese.TwoViewMethod):
     # The collapse monitor of the paper (Fig. 2): std of the l2-normalised projection.
     z_std = jnp.mean(jnp.std(z1 / jnp.linalg.norm(z1, axis=-1, keepdims=True), axis=0))
     metrics = {"loss": loss, "grad_norm": common.global_norm(grads),
-               "update_norm": update_norm, "projection_std": z_std}
+               "update_norm": update_norm, "projection_std_per_dim": z_std}
     return new_state, parallel.pmean(metrics)
