@@ -8,22 +8,27 @@ from absl import flags, logging
 
 from metaug_jax.checkpoint import CheckpointMismatchError
 from metaug_jax.config_check import ConfigError
-from metaug_jax.data.sources import DatasetUnavailableError
+from metaug_jax.data.sources import DataError, DatasetUnavailableError
 from metaug_jax.evaluation.linear_probe import ProbeNeedsLabelsError
 from metaug_jax.train import NonFiniteLossError
 
-USER_ERRORS = (ConfigError, DatasetUnavailableError, CheckpointMismatchError,
+USER_ERRORS = (ConfigError, DataError, DatasetUnavailableError, CheckpointMismatchError,
                ProbeNeedsLabelsError, NonFiniteLossError, FileNotFoundError)
 
 
 @contextlib.contextmanager
 def user_errors_as_messages():
-  """Turns the errors above into 'error: ...' on stderr and exit status 2."""
+  """Turns the errors above into 'error: ...' on stderr and exit status 2.
+
+  A ConfigError lists one problem per line, so each of its lines is an 'error: ' line.
+  """
   try:
     yield
   except USER_ERRORS as e:
     message = str(e.args[0]) if e.args else str(e)
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    lines = message.splitlines() if isinstance(e, ConfigError) else [message]
+    for line in lines:
+      print(f"error: {line}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
