@@ -164,6 +164,11 @@ def split_indices(labels: Optional[np.ndarray], num_examples: int, test_fraction
   all_idx = np.arange(num_examples)
   if test_fraction == 0.0:
     return all_idx, np.zeros((0,), np.int64)
+  if num_examples - math.ceil(test_fraction * num_examples) < 1:
+    raise DataError(f"{num_examples} labelled examples are too few to hold out "
+                    f"data.test_fraction={test_fraction} of them as the probe's test set; add "
+                    f"data, or pass --config.data.test_fraction=0 and "
+                    f"--config.eval.probe_after_training=False.")
   from sklearn import model_selection  # pylint: disable=g-import-not-at-top
   try:
     train_idx, test_idx = model_selection.train_test_split(
@@ -319,13 +324,17 @@ def _is_image_file(path: str) -> bool:
   return path.lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(path).startswith(".")
 
 
+def _raise(error: Exception):
+  raise error
+
+
 def _list_images(folder: str, recursive: bool) -> list[str]:
   """Sorted image file paths in `folder` (and its sub-folders when recursive)."""
   if not recursive:
     return sorted(os.path.join(folder, f) for f in os.listdir(folder)
                   if _is_image_file(f) and os.path.isfile(os.path.join(folder, f)))
   paths = []
-  for root, dirs, files in os.walk(folder):
+  for root, dirs, files in os.walk(folder, onerror=_raise):  # not skip unreadable folders
     dirs.sort()
     paths.extend(os.path.join(root, f) for f in sorted(files) if _is_image_file(f))
   return paths
