@@ -6,6 +6,7 @@ import difflib
 import os
 import re
 import sys
+from typing import Optional
 
 from absl import flags, logging
 
@@ -51,11 +52,11 @@ def default_workdir(config_arg: str) -> str:
 
 
 def parse_flags(argv: list) -> list:
-  """absl's flag parsing, but a bad flag, override or config file is one 'error: ...' line
-  per problem on stderr and exit status 2, never a usage text or a traceback."""
+  """absl's flag parsing, each bad flag, override or config file one 'error:' line, exit 2."""
   try:
     argv = flags.FLAGS(argv)
-    lines = [line for line in map(_config_load_error, _config_flags()) if line]
+    error = _config_load_error()
+    lines = [error] if error else []
   except (AttributeError, KeyError):  # ml_collections: an override of a field that is not there
     lines = unknown_config_fields(argv)
     if not lines:
@@ -74,19 +75,16 @@ def exit_with_errors(lines: list) -> None:
   sys.exit(2)
 
 
-def _config_flags() -> list:
-  return [flags.FLAGS[n] for n in ("config",) if n in flags.FLAGS]
-
-
-def _config_load_error(flag):
-  """The line for a config file that did not load (ml_collections defers that error), or None."""
-  if flag.value is None:
+def _config_load_error(name: str = "config") -> Optional[str]:
+  """The line for a --config file that did not load (ml_collections defers that error), or None."""
+  value = flags.FLAGS[name].value if name in flags.FLAGS else None
+  if value is None:
     return None
   try:
-    flag.value.keys()
+    value.keys()
   except OSError as e:
     reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
-    return f"--{flag.name}: cannot load the config file ({reason})."
+    return f"--{name}: cannot load the config file ({reason})."
   return None
 
 

@@ -78,6 +78,7 @@ class Choice:
 
 
 def _int(lo: int = 0, hi: Optional[int] = None) -> Range:
+  """Integers from lo to hi (None: unbounded)."""
   return Range(lo, hi, integer=True)
 
 
@@ -166,8 +167,8 @@ FIELDS: dict[str, Union[Range, Choice]] = {
 FREE_TEXT = ("data_dir", "data.test_file")
 
 
-def field(config, name: str):
-  """The value of a dotted field name, e.g. field(config, 'optim.lr')."""
+def get_field(config, name: str):
+  """The value of a dotted field name, e.g. get_field(config, 'optim.lr')."""
   value = config
   for part in name.split("."):
     value = value[part]
@@ -190,7 +191,7 @@ def _field_problem(name: str, value, rule: Union[Range, Choice]) -> Optional[str
             f"pass --config.{name}=<one of these>.")
   if rule.accepts(value):
     return None
-  fix = field(config_base.get_base_config(), name)
+  fix = get_field(config_base.get_base_config(), name)
   if rule.shape == "pair" and isinstance(value, tuple) and rule.accepts(tuple(value[::-1])):
     fix = tuple(value[::-1])
   return (f"config.{name}={_flag_value(value)} must be {rule.describe()}; pass e.g. "
@@ -201,7 +202,7 @@ def field_problems(config) -> dict:
   """{field name: its line} for the fields of `config` that break their FIELDS entry."""
   problems = {}
   for name, rule in FIELDS.items():
-    problem = _field_problem(name, field(config, name), rule)
+    problem = _field_problem(name, get_field(config, name), rule)
     if problem:
       problems[name] = problem
   return problems

@@ -1,4 +1,4 @@
-"""The command line: the default workdir (rerunning a command resumes it) and one-line flag errors."""
+"""The command line: the default workdir (the same command resumes) and one-line flag errors."""
 
 import os
 import subprocess

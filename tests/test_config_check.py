@@ -226,7 +226,7 @@ def test_decay_warning_names_the_unreached_epochs_and_a_fitting_setting():
 
 def test_build_experiment_prints_the_decay_warning_once(capsys):
   from metaug_jax import train
-  import digits  # noqa: E402  (configs/digits.py)
+  import digits  # configs/digits.py
   c = digits.get_config("tiny")                     # 6 steps, decays at epochs 30 and 35
   c.num_devices = 1
   train.build_experiment(c)

@@ -325,6 +325,7 @@ def _is_image_file(path: str) -> bool:
 
 
 def _raise(error: Exception):
+  """os.walk's onerror: an unreadable folder is an error, not a folder silently skipped."""
   raise error
 
 
@@ -334,7 +335,7 @@ def _list_images(folder: str, recursive: bool) -> list[str]:
     return sorted(os.path.join(folder, f) for f in os.listdir(folder)
                   if _is_image_file(f) and os.path.isfile(os.path.join(folder, f)))
   paths = []
-  for root, dirs, files in os.walk(folder, onerror=_raise):  # not skip unreadable folders
+  for root, dirs, files in os.walk(folder, onerror=_raise):
     dirs.sort()
     paths.extend(os.path.join(root, f) for f in sorted(files) if _is_image_file(f))
   return paths

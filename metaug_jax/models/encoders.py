@@ -239,14 +239,17 @@ _ENCODERS = {
 
 
 def _conv_side(s: int, kernel: int, stride: int, pad: int) -> int:
+  """Output side of a square conv (0: the kernel does not fit)."""
   return (s + 2 * pad - kernel) // stride + 1 if stride >= 1 and s + 2 * pad >= kernel else 0
 
 
 def _valid_pool_side(s: int, window: int, stride: int) -> int:
+  """Output side of a VALID max pool (0: the window does not fit)."""
   return (s - window) // stride + 1 if s >= window else 0
 
 
 def _same_pool_side(s: int, stride: int) -> int:
+  """Output side of a SAME max pool."""
   return -(-s // stride)
 
 
