@@ -2,30 +2,37 @@
 exit status (not a traceback), and a console kept for progress rather than library logs."""
 
 import contextlib
+import difflib
 import os
+import re
 import sys
+from typing import Optional
 
 from absl import flags, logging
 
+from metaug_jax import config_base
+
 from metaug_jax.checkpoint import CheckpointMismatchError
 from metaug_jax.config_check import ConfigError
-from metaug_jax.data.sources import DatasetUnavailableError
+from metaug_jax.data.sources import DataError, DatasetUnavailableError
 from metaug_jax.evaluation.linear_probe import ProbeNeedsLabelsError
 from metaug_jax.train import NonFiniteLossError
 
-USER_ERRORS = (ConfigError, DatasetUnavailableError, CheckpointMismatchError,
+USER_ERRORS = (ConfigError, DataError, DatasetUnavailableError, CheckpointMismatchError,
                ProbeNeedsLabelsError, NonFiniteLossError, FileNotFoundError)
 
 
 @contextlib.contextmanager
 def user_errors_as_messages():
-  """Turns the errors above into 'error: ...' on stderr and exit status 2."""
+  """Turns the errors above into 'error: ...' on stderr and exit status 2.
+
+  A ConfigError lists one problem per line, so each of its lines is an 'error: ' line.
+  """
   try:
     yield
   except USER_ERRORS as e:
     message = str(e.args[0]) if e.args else str(e)
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    exit_with_errors(message.splitlines() if isinstance(e, ConfigError) else [message])
 
 
 def quiet_library_logs():
@@ -61,3 +68,88 @@ def resolve_config_argument(argv: list, flag: str = "config") -> list:
           f"metaug-jax ({found})", file=sys.stderr, flush=True)
     out[i] = rebuild(found + sep + variant)
   return out
+
+
+def default_workdir(config_arg: str) -> str:
+  """runs/<config file stem>[-<variant parts>]: configs/digits.py:tiny,cmc -> runs/digits-tiny-cmc.
+
+  The same command gives the same folder, so rerunning it resumes the run.
+  """
+  path, _, variant = config_arg.partition(":")
+  parts = [os.path.splitext(os.path.basename(path))[0]] + [p for p in variant.split(",") if p]
+  return os.path.join("runs", "-".join(re.sub(r"[^\w.=+-]", "_", p) for p in parts))
+
+
+def parse_flags(argv: list) -> list:
+  """absl's flag parsing, each bad flag, override or config file one 'error:' line, exit 2."""
+  try:
+    argv = flags.FLAGS(argv)
+    error = _config_load_error()
+    lines = [error] if error else []
+  except (AttributeError, KeyError):  # ml_collections: an override of a field that is not there
+    lines = unknown_config_fields(argv)
+    if not lines:
+      raise
+  except flags.Error as e:
+    lines = unknown_config_fields(argv) or [_flag_error_line(str(e))]
+  if not lines:
+    return argv
+  exit_with_errors(lines)
+
+
+def exit_with_errors(lines: list) -> None:
+  """Prints each problem as an 'error: ' line on stderr and exits with status 2."""
+  for line in lines:
+    print(f"error: {line}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _config_load_error(name: str = "config") -> Optional[str]:
+  """The line for a --config file that did not load (ml_collections defers that error), or None."""
+  value = flags.FLAGS[name].value if name in flags.FLAGS else None
+  if value is None:
+    return None
+  try:
+    value.keys()
+  except OSError as e:
+    reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+    return f"--{name}: cannot load the config file ({reason})."
+  return None
+
+
+def _flag_error_line(text: str) -> str:
+  """absl's message in one line; of a config file's traceback, only the exception line."""
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if any(line.startswith("Traceback") for line in lines):
+    lines = [lines[0], lines[-1]]
+  return " ".join(lines)
+
+
+def unknown_config_fields(argv: list, prefix: str = "--config.") -> list:
+  """One line per --config.NAME override that names no field, with the closest field names."""
+  base = config_base.get_base_config()
+  known, leaves = _field_names(base), _field_names(base, leaves_only=True)
+  lines = []
+  for arg in argv:
+    if not arg.startswith(prefix):
+      continue
+    name = arg[len(prefix):].split("=", 1)[0]
+    if name in known:
+      continue
+    close = difflib.get_close_matches(name, sorted(leaves), n=3, cutoff=0.6)
+    hint = (f"did you mean {' or '.join(close)}?" if close else
+            "every field is listed in metaug_jax/config_base.py.")
+    lines.append(f"{prefix}{name}: the config has no field {name!r}; {hint}")
+  return lines
+
+
+def _field_names(config, prefix: str = "", leaves_only: bool = False) -> set:
+  """Every dotted field name of a ConfigDict, its sections too unless `leaves_only`."""
+  names = set()
+  for key, value in config.items():
+    if hasattr(value, "items"):
+      names |= _field_names(value, f"{prefix}{key}.", leaves_only)
+      if leaves_only:
+        continue
+    names.add(prefix + key)
+  return names

@@ -37,7 +37,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # ---- data -------------------------------------------------------------------------------
   c.dataset = "digits"           # one of DATASETS
-  c.data_dir = ""                # tfds data_dir, or the folder / archive / .npz file
+  c.data_dir = ""                # tfds data_dir, or the folder / archive / .npz file (or a folder
+                                 # holding one .npz, or train.npz + test.npz)
   c.download = False             # let tfds download and prepare (needs network + tensorflow)
   c.data = ml_collections.ConfigDict()
   c.data.views = "augmented_copies"  # one of VIEW_KINDS (spec section 2.1)
@@ -54,6 +55,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.test_fraction = 0.2     # digits / folder / npz without a test file: held-out fraction
   c.data.split_seed = 0          # the seeded train/test split of digits, folder and npz
   c.data.test_file = ""          # npz: optional separate test file
+  c.data.folder_image_size = 0   # folder: resize every image to this side (0: most common size)
   c.data.stl10_pretrain_split = "train+unlabelled"  # spec A7
   c.data.prefetch = 2            # host batches prepared ahead of the device
 

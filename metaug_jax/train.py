@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from typing import Optional
 
@@ -73,11 +74,15 @@ def build_experiment(config: ml_collections.ConfigDict,
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
   dataset = dataset or sources.load_dataset(config)
+  config_check.validate_data(config, dataset, len(devices) * jax.process_count())
   loader = loader_lib.EpochLoader(dataset.pretrain_images, global_batch_size=config.batch_size,
                                   num_devices=len(devices), seed=config.seed,
                                   process_index=jax.process_index(),
                                   process_count=jax.process_count())
   total = config.num_train_steps or config.num_epochs * loader.steps_per_epoch
+  warning = config_check.decay_warning(config, int(total), loader.steps_per_epoch)
+  if warning and jax.process_index() == 0:
+    print(warning, file=sys.stderr, flush=True)
   facts = methods.DataFacts(
       view_channels=tuple(views_lib.view_channels(config.data, dataset.pretrain_images.shape[-1])),
       bank_size=int(dataset.pretrain_images.shape[0]), steps_per_epoch=loader.steps_per_epoch,
@@ -245,7 +250,9 @@ def evaluate_state(exp: Experiment, state, workdir: Optional[str] = None,
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Pre-train, checkpoint, then linear-probe; returns the probe results (or {})."""
-  exp, state = train(config, workdir)
+  exp = build_experiment(config)
+  config_check.validate_probe_data(config, exp.dataset)  # before training, not after it
+  exp, state = train(config, workdir, exp)
   if not config.eval.probe_after_training:
     return {}
   return evaluate_state(exp, state, workdir)

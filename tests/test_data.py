@@ -398,3 +398,130 @@ def test_prefetch_close_stops_infinite_producer():
   assert not it._thread.is_alive()  # pylint: disable=protected-access
   with pytest.raises(StopIteration):
     next(it)
+
+
+# ---- user-data errors: one-line DataErrors naming the fix --------------------------------
+
+
+def _data_error(config) -> str:
+  """The message of the DataError that loading `config` raises; it must be one line."""
+  with pytest.raises(sources.DataError) as info:
+    sources.load_dataset(config)
+  message = str(info.value)
+  assert "\n" not in message, message
+  return message
+
+
+@pytest.mark.parametrize("x,needle", [
+    (np.random.default_rng(0).random((4, 5, 5)).astype(np.float32),
+     "np.round(x * 255).astype(np.uint8)"),
+    (np.full((4, 5, 5), 200, np.int64), "x = np.round(x).astype(np.uint8)"),
+    (_rand_images(4, 3, 8, 8), "x.transpose(0, 2, 3, 1)"),
+    (_rand_images(4, 8, 8, 4), "x[..., :3]"),
+    (_rand_images(4, 8, 8, 2), "x[..., :1]"),
+    (np.zeros((0, 8, 8), np.uint8), "holds no images"),
+])
+def test_npz_image_problems_are_one_line_with_the_conversion(tmp_path, x, needle):
+  np.savez(tmp_path / "d.npz", x=x)
+  assert needle in _data_error(_config("npz", tmp_path / "d.npz"))
+
+
+def test_npz_without_x_or_not_an_archive(tmp_path):
+  np.savez(tmp_path / "d.npz", images=_rand_images(4, 5, 5, 1))
+  assert "has no 'x' array (it holds ['images'])" in _data_error(_config("npz", tmp_path / "d.npz"))
+  np.save(tmp_path / "a.npy", _rand_images(4, 5, 5, 1))
+  os.rename(tmp_path / "a.npy", tmp_path / "a.npz")
+  assert "single .npy array" in _data_error(_config("npz", tmp_path / "a.npz"))
+  (tmp_path / "t.npz").write_text("not numpy")
+  assert "cannot read" in _data_error(_config("npz", tmp_path / "t.npz"))
+
+
+def test_npz_labels_must_be_every_class_id_from_zero(tmp_path):
+  x = _rand_images(40, 8, 8, 1)
+  np.savez(tmp_path / "gap.npz", x=x, y=np.array([0, 1000000] * 20))
+  message = _data_error(_config("npz", tmp_path / "gap.npz"))
+  assert "missing 1..999999" in message and "np.unique(y, return_inverse=True)[1]" in message
+  np.savez(tmp_path / "neg.npz", x=x, y=np.array([-1, 0] * 20))
+  assert "negative" in _data_error(_config("npz", tmp_path / "neg.npz"))
+  np.savez(tmp_path / "float.npz", x=x, y=np.array([0.0, 1.0] * 20))
+  assert "y.astype(np.int64)" in _data_error(_config("npz", tmp_path / "float.npz"))
+  # The union of train and test labels counts: 0, 2 in train and 1 in test is fine ...
+  np.savez(tmp_path / "tr.npz", x=x, y=np.array([0, 2] * 20))
+  np.savez(tmp_path / "te.npz", x=x[:4], y=np.array([1] * 4))
+  ds = sources.load_dataset(_config("npz", tmp_path / "tr.npz", test_file=str(tmp_path / "te.npz")))
+  assert ds.num_classes == 3
+  # ... but 0, 2 in train and 5 in test is not.
+  np.savez(tmp_path / "te.npz", x=x[:4], y=np.array([5] * 4))
+  message = _data_error(_config("npz", tmp_path / "tr.npz", test_file=str(tmp_path / "te.npz")))
+  assert "missing 1, 3..4" in message and "y_test" in message
+
+
+def test_npz_data_dir_may_be_a_folder_with_one_file_or_a_train_test_pair(tmp_path):
+  x, y = _rand_images(20, 6, 6, 1), np.arange(20) % 2
+  one = tmp_path / "one"
+  one.mkdir()
+  np.savez(one / "mine.npz", x=x, y=y)
+  ds = sources.load_dataset(_config("npz", one))
+  assert ds.name == "npz:mine.npz" and len(ds.train_images) == 16
+  pair = tmp_path / "pair"
+  pair.mkdir()
+  np.savez(pair / "train.npz", x=x, y=y)
+  np.savez(pair / "test.npz", x=x[:6], y=y[:6])
+  ds = sources.load_dataset(_config("npz", pair))
+  assert len(ds.train_images) == 20 and len(ds.test_images) == 6
+  np.savez(pair / "extra.npz", x=x, y=y)
+  message = _data_error(_config("npz", pair))
+  assert "holds 3 .npz files (extra.npz, test.npz, train.npz)" in message
+  (tmp_path / "none").mkdir()
+  assert "holds 0 .npz files" in _data_error(_config("npz", tmp_path / "none"))
+
+
+def test_folder_problems_are_one_line(tmp_path):
+  (tmp_path / "empty").mkdir()
+  assert "(it is empty)" in _data_error(_config("folder", tmp_path / "empty"))
+  text = tmp_path / "text"
+  text.mkdir()
+  (text / "notes.txt").write_text("hello")
+  assert "it holds only notes.txt" in _data_error(_config("folder", text))
+  bad = tmp_path / "bad"
+  _save(str(bad / "ok.png"), _rand_images(1, 4, 4, 3)[0])
+  (bad / "broken.png").write_bytes(b"not a png")
+  message = _data_error(_config("folder", bad))
+  assert "broken.png" in message and "replace or remove" in message
+
+
+def test_unreadable_files_are_one_line_data_errors(tmp_path, monkeypatch):
+  for i in range(4):
+    _save(str(tmp_path / "a" / f"{i}.png"), _rand_images(1, 4, 4, 1)[0])
+  _save(str(tmp_path / "b" / "0.png"), _rand_images(1, 4, 4, 1)[0])
+  denied = lambda path: PermissionError(13, "Permission denied", str(path))
+  real_listdir, real_scandir = os.listdir, os.scandir
+
+  def listdir(path):
+    if os.path.abspath(path) == str(tmp_path):
+      raise denied(path)
+    return real_listdir(path)
+
+  def scandir(path):                                   # os.walk lists folders with scandir
+    if os.path.abspath(path) == str(tmp_path / "b"):
+      raise denied(path)
+    return real_scandir(path)
+
+  with monkeypatch.context() as m:
+    m.setattr(os, "listdir", listdir)
+    message = _data_error(_config("folder", tmp_path))
+  assert f"cannot read {tmp_path}: Permission denied" in message and "chmod" in message
+  monkeypatch.setattr(os, "scandir", scandir)          # an unreadable class is not skipped
+  assert f"cannot read {tmp_path / 'b'}" in _data_error(_config("folder", tmp_path))
+
+
+def test_too_few_examples_for_the_test_split_is_a_data_error(tmp_path):
+  np.savez(tmp_path / "d.npz", x=_rand_images(1, 5, 5, 1), y=np.array([0]))
+  assert "too few" in _data_error(_config("npz", tmp_path / "d.npz"))
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_npz_file_is_a_data_error(tmp_path):
+  np.savez(tmp_path / "d.npz", x=_rand_images(4, 5, 5, 1))
+  os.chmod(tmp_path / "d.npz", 0)
+  assert "Permission denied" in _data_error(_config("npz", tmp_path / "d.npz"))

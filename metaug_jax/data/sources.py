@@ -12,9 +12,11 @@ import dataclasses
 import importlib.util
 import io
 import logging
+import math
 import os
 import pickle
 import tarfile
+import zipfile
 from typing import Optional, Sequence
 
 import numpy as np
@@ -33,6 +35,15 @@ class DatasetUnavailableError(RuntimeError):
   """The dataset is not on disk (or not readable here); the message says what to do."""
 
 
+class DataError(ValueError):
+  """The user's data cannot be used as it is: a one-line message naming the file and the fix."""
+
+
+def _one_line(text) -> str:
+  """`text` with its whitespace runs (newlines included) collapsed: messages stay one line."""
+  return " ".join(str(text).split())
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ImageDataset:
   """A dataset held in host memory: uint8 (N, H, W, C) images, C in {1, 3}, int32 labels."""
@@ -49,17 +60,17 @@ class ImageDataset:
     _check_images(self.train_images, "train_images")
     shape = self.pretrain_images.shape[1:]
     if self.train_images.shape[1:] != shape:
-      raise ValueError(f"{self.name}: train_images are {self.train_images.shape[1:]}, "
-                       f"pretrain_images {shape}; they must have the same H, W, C.")
+      raise DataError(f"{self.name}: train_images are {self.train_images.shape[1:]}, "
+                      f"pretrain_images {shape}; they must have the same H, W, C.")
     _check_labels(self.train_labels, self.train_images, "train", self.num_classes)
     if self.test_images is not None:
       _check_images(self.test_images, "test_images")
       if self.test_images.shape[1:] != shape:
-        raise ValueError(f"{self.name}: test_images are {self.test_images.shape[1:]}, "
-                         f"train images {shape}; they must have the same H, W, C.")
+        raise DataError(f"{self.name}: test_images are {self.test_images.shape[1:]}, "
+                        f"train images {shape}; they must have the same H, W, C.")
       _check_labels(self.test_labels, self.test_images, "test", self.num_classes)
     elif self.test_labels is not None:
-      raise ValueError(f"{self.name}: test_labels given without test_images.")
+      raise DataError(f"{self.name}: test_labels given without test_images.")
 
   @property
   def channels(self) -> int:
@@ -83,27 +94,27 @@ class ImageDataset:
 
 
 def _check_images(images, what: str) -> None:
-  """Raises ValueError unless `images` is a non-empty uint8 (N, H, W, C) array with C in {1, 3}."""
+  """Raises DataError unless `images` is a non-empty uint8 (N, H, W, C) array with C in {1, 3}."""
   if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-    raise ValueError(f"{what} must be a uint8 numpy array, got "
-                     f"{type(images).__name__} {getattr(images, 'dtype', '')}.")
+    raise DataError(f"{what} must be a uint8 numpy array, got "
+                    f"{type(images).__name__} {getattr(images, 'dtype', '')}.")
   if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[0] == 0:
-    raise ValueError(f"{what} must have shape (N>0, H, W, C) with C in (1, 3), "
-                     f"got {images.shape}.")
+    raise DataError(f"{what} must have shape (N>0, H, W, C) with C in (1, 3), "
+                    f"got {images.shape}.")
 
 
 def _check_labels(labels, images, what: str, num_classes: Optional[int]) -> None:
-  """Raises ValueError unless labels are None or int32 (N,) in [0, num_classes)."""
+  """Raises DataError unless labels are None or int32 (N,) in [0, num_classes)."""
   if labels is None:
     return
   if labels.dtype != np.int32 or labels.shape != (images.shape[0],):
-    raise ValueError(f"{what} labels must be int32 of shape ({images.shape[0]},), got "
-                     f"{labels.dtype} {labels.shape}.")
+    raise DataError(f"{what} labels must be int32 of shape ({images.shape[0]},), got "
+                    f"{labels.dtype} {labels.shape}.")
   if num_classes is None:
-    raise ValueError(f"{what} labels given but num_classes is None.")
+    raise DataError(f"{what} labels given but num_classes is None.")
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(f"{what} labels must lie in [0, {num_classes}), got "
-                     f"[{labels.min()}, {labels.max()}].")
+    raise DataError(f"{what} labels must lie in [0, {num_classes}), got "
+                    f"[{labels.min()}, {labels.max()}].")
 
 
 def load_dataset(config) -> ImageDataset:
@@ -122,7 +133,21 @@ def load_dataset(config) -> ImageDataset:
   if config.dataset not in loaders:
     raise ValueError(f"Unknown dataset {config.dataset!r}; allowed values: "
                      f"{', '.join(config_base.DATASETS)}.")
-  return loaders[config.dataset](config)
+  if config.dataset in _TFDS_NAMES:
+    return loaders[config.dataset](config)
+  try:
+    return loaders[config.dataset](config)
+  except OSError as e:  # a local file or folder that exists but cannot be read
+    raise DataError(_os_error_message(e)) from e
+
+
+def _os_error_message(error: OSError) -> str:
+  """One line naming the unreadable path and why, e.g. a permission problem and its fix."""
+  path = error.filename or "a data file"
+  reason = error.strerror or _one_line(error)
+  hint = (" (check the file permissions: chmod -R u+rX PATH)"
+          if isinstance(error, PermissionError) else "")
+  return f"cannot read {path}: {reason}{hint}."
 
 
 # ---- splitting ---------------------------------------------------------------------------
@@ -139,6 +164,11 @@ def split_indices(labels: Optional[np.ndarray], num_examples: int, test_fraction
   all_idx = np.arange(num_examples)
   if test_fraction == 0.0:
     return all_idx, np.zeros((0,), np.int64)
+  if num_examples - math.ceil(test_fraction * num_examples) < 1:
+    raise DataError(f"{num_examples} labelled examples are too few to hold out "
+                    f"data.test_fraction={test_fraction} of them as the probe's test set; add "
+                    f"data, or pass --config.data.test_fraction=0 and "
+                    f"--config.eval.probe_after_training=False.")
   from sklearn import model_selection  # pylint: disable=g-import-not-at-top
   try:
     train_idx, test_idx = model_selection.train_test_split(
@@ -294,13 +324,18 @@ def _is_image_file(path: str) -> bool:
   return path.lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(path).startswith(".")
 
 
+def _raise(error: Exception):
+  """os.walk's onerror: an unreadable folder is an error, not a folder silently skipped."""
+  raise error
+
+
 def _list_images(folder: str, recursive: bool) -> list[str]:
   """Sorted image file paths in `folder` (and its sub-folders when recursive)."""
   if not recursive:
     return sorted(os.path.join(folder, f) for f in os.listdir(folder)
                   if _is_image_file(f) and os.path.isfile(os.path.join(folder, f)))
   paths = []
-  for root, dirs, files in os.walk(folder):
+  for root, dirs, files in os.walk(folder, onerror=_raise):
     dirs.sort()
     paths.extend(os.path.join(root, f) for f in sorted(files) if _is_image_file(f))
   return paths
@@ -313,7 +348,15 @@ def _image_header(path: str) -> tuple[str, tuple[int, int]]:
     with Image.open(path) as img:
       return img.mode, img.size
   except Exception as e:  # PIL raises several types for bad files.
-    raise ValueError(f"Cannot read image {path}: {type(e).__name__}: {e}") from e
+    raise DataError(_bad_image_message(path, e)) from e
+
+
+def _bad_image_message(path: str, error: Exception) -> str:
+  """One line for an image file PIL cannot decode: which file, why, and what to do."""
+  if isinstance(error, PermissionError):
+    return _os_error_message(error)
+  return (f"Cannot read image {path} ({type(error).__name__}: {_one_line(error)}); "
+          f"replace or remove the file.")
 
 
 def _read_image(path: str, mode: str, size_wh: tuple[int, int]) -> np.ndarray:
@@ -326,7 +369,7 @@ def _read_image(path: str, mode: str, size_wh: tuple[int, int]) -> np.ndarray:
         img = img.resize(size_wh, Image.BILINEAR)
       array = np.asarray(img, np.uint8)
   except Exception as e:  # PIL raises several types for bad files.
-    raise ValueError(f"Cannot read image {path}: {type(e).__name__}: {e}") from e
+    raise DataError(_bad_image_message(path, e)) from e
   return array[..., None] if array.ndim == 2 else array
 
 
@@ -411,11 +454,11 @@ def _tiny_imagenet_val(val_dir: str, class_index: dict, data_dir: str):
           continue
         fields = line.rstrip("\n").split("\t")
         if len(fields) < 2 or fields[1] not in class_index:
-          raise ValueError(f"{annotations}:{line_no}: expected 'filename<TAB>wnid...' with a "
-                           f"wnid from train/, got {line.strip()!r}.")
+          raise DataError(f"{annotations}:{line_no}: expected 'filename<TAB>wnid...' with a "
+                          f"wnid from train/, got {line.strip()!r}.")
         path = os.path.join(val_dir, "images", fields[0])
         if not os.path.isfile(path):
-          raise ValueError(f"{annotations}:{line_no}: image {path} does not exist.")
+          raise DataError(f"{annotations}:{line_no}: image {path} does not exist.")
         paths.append(path)
         labels.append(class_index[fields[1]])
   elif os.path.isdir(val_dir):
@@ -424,7 +467,7 @@ def _tiny_imagenet_val(val_dir: str, class_index: dict, data_dir: str):
       if not os.path.isdir(folder) or c == "images":
         continue
       if c not in class_index:
-        raise ValueError(f"{folder}: class {c!r} is not one of the train/ classes.")
+        raise DataError(f"{folder}: class {c!r} is not one of the train/ classes.")
       sub = os.path.join(folder, "images")
       files = _list_images(sub if os.path.isdir(sub) else folder, recursive=False)
       paths += files
@@ -456,9 +499,9 @@ def _unpickle(data: bytes, what: str) -> dict:
   try:
     obj = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
   except Exception as e:
-    raise ValueError(f"Cannot unpickle {what}: {type(e).__name__}: {e}") from e
+    raise DataError(f"Cannot unpickle {what}: {type(e).__name__}: {_one_line(e)}") from e
   if not isinstance(obj, dict):
-    raise ValueError(f"{what} is not a CIFAR batch (expected a dict, got {type(obj).__name__}).")
+    raise DataError(f"{what} is not a CIFAR batch (expected a dict, got {type(obj).__name__}).")
   return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
@@ -475,7 +518,7 @@ def _read_archive_members(path: str) -> dict[str, bytes]:
           if member.isfile() and base in wanted:
             members[base] = tar.extractfile(member).read()
     except tarfile.TarError as e:
-      raise ValueError(f"{path} is not a readable tar archive: {e}") from e
+      raise DataError(f"{path} is not a readable tar archive: {_one_line(e)}") from e
     return members
   for sub in ("", "cifar-10-batches-py", "cifar-100-python"):
     folder = os.path.join(path, sub)
@@ -492,10 +535,10 @@ def _read_archive_members(path: str) -> dict[str, bytes]:
 def _cifar_batch(batch: dict, label_key: str, what: str) -> tuple[np.ndarray, np.ndarray]:
   """(uint8 NHWC images, int32 labels) from one unpickled CIFAR batch (rows are CHW 3x32x32)."""
   if "data" not in batch or label_key not in batch:
-    raise ValueError(f"{what} lacks the 'data' or {label_key!r} entry.")
+    raise DataError(f"{what} lacks the 'data' or {label_key!r} entry.")
   data = np.asarray(batch["data"], np.uint8)
   if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-    raise ValueError(f"{what}: 'data' must be (N, 3072), got {data.shape}.")
+    raise DataError(f"{what}: 'data' must be (N, 3072), got {data.shape}.")
   images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
   labels = np.asarray(batch[label_key], np.int32)
   return np.ascontiguousarray(images), labels
@@ -557,6 +600,16 @@ def _scan_split(folder: str) -> tuple[list[str], Optional[list[str]], Optional[l
   return _list_images(folder, recursive=False), None, None
 
 
+def _no_images_message(folder: str) -> str:
+  """One line for a folder without image files: what it holds instead and what is read."""
+  names = sorted(f for f in os.listdir(folder) if not f.startswith("."))
+  more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+  held = f"it holds only {', '.join(names[:3])}{more}" if names else "it is empty"
+  return (f"No images found in {folder} ({held}); the folder loader reads "
+          f"{', '.join(IMAGE_EXTENSIONS)} files in DIR/<class>/ (labelled) or DIR/ "
+          f"(unlabelled).")
+
+
 def _load_folder(config) -> ImageDataset:
   """User images: ImageFolder (class sub-folders, labelled) or a flat folder (unlabelled)."""
   root = config.data_dir
@@ -574,7 +627,7 @@ def _load_folder(config) -> ImageDataset:
         break
   train_paths, train_names, classes = _scan_split(train_dir)
   if not train_paths:
-    raise ValueError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found in {train_dir}.")
+    raise DataError(_no_images_message(train_dir))
   test_paths, test_names = [], None
   if test_dir is not None:
     test_paths, test_names, _ = _scan_split(test_dir)
@@ -583,11 +636,11 @@ def _load_folder(config) -> ImageDataset:
                       train_dir, test_dir)
       test_paths = []
     elif test_paths and test_names is None:
-      raise ValueError(f"{train_dir} has class sub-folders but {test_dir} has none; give the "
-                       f"test images the same <class>/ layout.")
+      raise DataError(f"{train_dir} has class sub-folders but {test_dir} has none; give the "
+                      f"test images the same <class>/ layout.")
     elif not test_paths:
-      raise ValueError(f"No images found in {test_dir}.")
-  size = int(config.data.get("folder_image_size", 0))
+      raise DataError(_no_images_message(test_dir))
+  size = int(config.data.folder_image_size)
   mode, size_wh = _common_format(train_paths + test_paths, size)
   images = _read_images(train_paths, mode, size_wh)
   name = f"folder:{os.path.basename(os.path.normpath(root))}"
@@ -600,7 +653,7 @@ def _load_folder(config) -> ImageDataset:
     return _labelled_split(name, images, labels, len(classes), config)
   unknown = sorted(set(test_names) - set(class_index))
   if unknown:
-    raise ValueError(f"{test_dir} has classes {unknown} that {train_dir} lacks.")
+    raise DataError(f"{test_dir} has classes {unknown} that {train_dir} lacks.")
   test_images = _read_images(test_paths, mode, size_wh)
   test_labels = np.asarray([class_index[c] for c in test_names], np.int32)
   return ImageDataset(name=name, pretrain_images=images, train_images=images,
@@ -611,55 +664,168 @@ def _load_folder(config) -> ImageDataset:
 # ---- npz ---------------------------------------------------------------------------------
 
 
-def _read_npz(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
-  """Validated (uint8 NHWC images, int32 labels or None) from an .npz with `x` and optional `y`."""
+def _npz_files(data_dir: str, test_file: str) -> tuple[str, str]:
+  """(train file, test file or "") named by data_dir: an .npz file, or a folder holding one .npz
+  or the pair train.npz + test.npz (test.npz is the test file unless data.test_file is set)."""
+  if not data_dir or not os.path.exists(data_dir):
+    raise DatasetUnavailableError(
+        f".npz file {data_dir!r} not found: pass --config.data_dir=FILE.npz (or a folder "
+        f"holding one .npz file) with 'x' (uint8, N x H x W or N x H x W x C) and optionally "
+        f"'y' (integer labels).")
+  if not os.path.isdir(data_dir):
+    return data_dir, test_file
+  names = sorted(f for f in os.listdir(data_dir) if f.endswith(".npz") and not f.startswith("."))
+  if len(names) == 1:
+    return os.path.join(data_dir, names[0]), test_file
+  if names == ["test.npz", "train.npz"]:
+    return os.path.join(data_dir, "train.npz"), test_file or os.path.join(data_dir, "test.npz")
+  listed = f" ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})" if names else ""
+  raise DataError(f"{data_dir} holds {len(names)} .npz files{listed}; a data_dir folder must "
+                  f"hold exactly one, or train.npz and test.npz: pass "
+                  f"--config.data_dir=FILE.npz to choose one.")
+
+
+def _read_npz(path: str, flag: str = "data_dir") -> tuple[np.ndarray, Optional[np.ndarray]]:
+  """Validated (uint8 NHWC images, int64 labels or None) from an .npz with `x` and optional `y`.
+
+  The labels' class ids are checked by the caller, on the union of the train and test labels.
+  """
   if not path or not os.path.isfile(path):
     raise DatasetUnavailableError(
-        f".npz file {path!r} not found: pass --config.data_dir=FILE.npz holding 'x' (uint8, "
+        f".npz file {path!r} not found: pass --config.{flag}=FILE.npz holding 'x' (uint8, "
         f"N x H x W or N x H x W x C) and optionally 'y' (integer labels).")
-  with np.load(path, allow_pickle=False) as f:
-    if "x" not in f:
-      raise ValueError(f"{path} has no 'x' array (found {sorted(f.keys())}).")
-    x = f["x"]
-    y = f["y"] if "y" in f else None
+  x, y = _npz_arrays(path)
+  return _npz_images(x, path), None if y is None else _npz_labels(y, x.shape[0], path)
+
+
+def _npz_arrays(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  """The raw 'x' and 'y' (or None) arrays of an .npz archive; DataError if it is not one."""
+  how = "write it with np.savez(FILE, x=images, y=labels)"
+  try:
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+      raise DataError(f"{path} holds a single .npy array, not an .npz archive of named "
+                      f"arrays; {how}.")
+    with loaded as f:
+      if "x" not in f:
+        raise DataError(f"{path} has no 'x' array (it holds {sorted(f.keys()) or 'none'}); "
+                        f"{how}.")
+      return f["x"], f["y"] if "y" in f else None
+  except (DataError, PermissionError):
+    raise
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise DataError(f"cannot read {path} as an .npz archive ({type(e).__name__}: "
+                    f"{_one_line(e)}); {how}.") from e
+
+
+def _npz_images(x: np.ndarray, path: str) -> np.ndarray:
+  """`x` as uint8 (N, H, W, C), C in (1, 3); DataError naming the conversion otherwise."""
   if x.dtype != np.uint8:
-    raise ValueError(f"{path}: 'x' must be uint8 in 0..255, got {x.dtype}; convert it, e.g. "
-                     f"np.round(x * 255).astype(np.uint8) for floats in [0, 1].")
+    raise DataError(f"{path}: 'x' must be uint8 pixels in 0..255, got {x.dtype}"
+                    f"{_uint8_hint(x)}.")
   if x.ndim == 3:
     x = x[..., None]
-  if x.ndim != 4 or x.shape[-1] not in (1, 3) or x.shape[0] == 0:
-    hint = (" It looks channels-first: use x.transpose(0, 2, 3, 1)."
-            if x.ndim == 4 and x.shape[1] in (1, 3) else "")
-    raise ValueError(f"{path}: 'x' must be N x H x W or N x H x W x C with C in (1, 3), got "
-                     f"{x.shape}.{hint}")
-  if y is not None:
-    if not np.issubdtype(y.dtype, np.integer):
-      raise ValueError(f"{path}: 'y' must hold integer class ids, got {y.dtype}.")
-    if y.shape != (x.shape[0],):
-      raise ValueError(f"{path}: 'y' must have shape ({x.shape[0]},), got {y.shape}.")
-    if y.size and y.min() < 0:
-      raise ValueError(f"{path}: 'y' must be >= 0, got min {y.min()}.")
-    y = y.astype(np.int32)
-  return x, y
+  if x.ndim != 4 or x.shape[-1] not in (1, 3):
+    raise DataError(f"{path}: 'x' must be N x H x W (grey) or N x H x W x C with C in (1, 3), "
+                    f"got shape {x.shape}.{_layout_hint(x.shape)}")
+  if x.shape[0] == 0 or x.size == 0:
+    raise DataError(f"{path}: 'x' holds no images (shape {x.shape}).")
+  return x
+
+
+def _uint8_hint(x: np.ndarray) -> str:
+  """How to turn non-uint8 pixels into uint8, judged from their range."""
+  if x.size == 0 or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+    return ""
+  lo, hi = float(np.min(x)), float(np.max(x))
+  if not (math.isfinite(lo) and math.isfinite(hi)):
+    return "; it holds NaN or inf values, replace them first"
+  if np.issubdtype(x.dtype, np.floating) and lo >= 0 and hi <= 1:
+    return "; for floats in [0, 1] use x = np.round(x * 255).astype(np.uint8)"
+  if lo >= 0 and hi <= 255:
+    return "; its values fit: use x = np.round(x).astype(np.uint8)"
+  return f"; its values span [{lo:g}, {hi:g}]: rescale them to 0..255 first"
+
+
+def _layout_hint(shape: tuple) -> str:
+  """A fix for the usual wrong image layouts: channels-first, RGBA, grey + alpha."""
+  if len(shape) != 4:
+    return ""
+  if shape[1] in (1, 3, 4) and shape[-1] not in (1, 3, 4):
+    alpha = "[..., :3]" if shape[1] == 4 else ""
+    return f" It looks channels-first (N, C, H, W): use x = x.transpose(0, 2, 3, 1){alpha}."
+  if shape[-1] == 4:
+    return " It looks RGBA: drop the alpha channel with x = x[..., :3]."
+  if shape[-1] == 2:
+    return " It looks grey + alpha: keep the grey channel with x = x[..., :1]."
+  return ""
+
+
+def _npz_labels(y: np.ndarray, num_images: int, path: str) -> np.ndarray:
+  """`y` as int64 (N,); DataError unless it holds one integer label per image."""
+  if not np.issubdtype(y.dtype, np.integer):
+    whole = (np.issubdtype(y.dtype, np.floating) and y.size and np.all(np.isfinite(y))
+             and np.all(y == np.round(y)))
+    hint = "; they are whole numbers: use y = y.astype(np.int64)" if whole else ""
+    raise DataError(f"{path}: 'y' must hold integer class ids, got {y.dtype}{hint}.")
+  if y.shape != (num_images,):
+    raise DataError(f"{path}: 'y' must hold one label per image, shape ({num_images},), got "
+                    f"{y.shape}.")
+  return y.astype(np.int64)
+
+
+def check_class_ids(labels: np.ndarray, what: str, remap: str) -> int:
+  """The class count C of integer labels that are exactly the ids 0..C-1, each one used.
+
+  Other labels (gaps, negatives) would make classes that never occur, or index out of range;
+  DataError names the missing ids and the `remap` code that fixes them.
+  """
+  ids = np.unique(labels)
+  if ids.size and ids[0] == 0 and ids[-1] == ids.size - 1:
+    return int(ids.size)
+  if ids.size and ids[0] < 0:
+    problem = f"{np.sum(ids < 0)} of them are negative (smallest {ids[0]})"
+  else:
+    unused = int(ids[-1]) + 1 - ids.size
+    problem = f"missing {_missing_ids(ids)}: {unused} of the ids 0..{ids[-1]} unused"
+  raise DataError(f"{what}: labels must be the class ids 0..C-1, each one used, but the "
+                  f"{ids.size} distinct labels span {ids[0]}..{ids[-1]} ({problem}); remap "
+                  f"them with {remap}.")
+
+
+def _missing_ids(ids: np.ndarray, limit: int = 3) -> str:
+  """'1..999999' or '2, 5..7 and 4 more gaps': the ids absent from 0..ids[-1] (ids sorted, >= 0)."""
+  prev = np.concatenate([[-1], ids[:-1]])
+  at = np.flatnonzero(ids - prev > 1)
+  gaps = [(int(prev[i]) + 1, int(ids[i]) - 1) for i in at[:limit]]
+  text = ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in gaps)
+  return text + (f" and {len(at) - limit} more gaps" if len(at) > limit else "")
 
 
 def _load_npz(config) -> ImageDataset:
   """Images (and optional labels) from an .npz file; optional separate test .npz."""
-  x, y = _read_npz(config.data_dir)
-  name = f"npz:{os.path.basename(config.data_dir)}"
-  test_file = config.data.test_file
-  if test_file:
-    tx, ty = _read_npz(test_file)
-    if (ty is None) != (y is None):
-      raise ValueError(f"{config.data_dir} and {test_file} must both have 'y' or both lack it.")
-    if tx.shape[1:] != x.shape[1:]:
-      raise ValueError(f"{test_file} images are {tx.shape[1:]}, {config.data_dir} "
-                       f"{x.shape[1:]}; they must match.")
-    num_classes = None if y is None else int(max(y.max(), ty.max())) + 1
-    return ImageDataset(name=name, pretrain_images=x, train_images=x, train_labels=y,
-                        test_images=tx if ty is not None else None, test_labels=ty,
-                        num_classes=num_classes)
-  if y is None:
-    return ImageDataset(name=name, pretrain_images=x, train_images=x, train_labels=None,
-                        test_images=None, test_labels=None, num_classes=None)
-  return _labelled_split(name, x, y, int(y.max()) + 1, config)
+  path, test_file = _npz_files(config.data_dir, config.data.test_file)
+  x, y = _read_npz(path)
+  name = f"npz:{os.path.basename(path)}"
+  if not test_file:
+    if y is None:
+      return ImageDataset(name=name, pretrain_images=x, train_images=x, train_labels=None,
+                          test_images=None, test_labels=None, num_classes=None)
+    num_classes = check_class_ids(y, path, "y = np.unique(y, return_inverse=True)[1]")
+    return _labelled_split(name, x, y.astype(np.int32), num_classes, config)
+  tx, ty = _read_npz(test_file, "data.test_file")
+  if (ty is None) != (y is None):
+    raise DataError(f"{path} and {test_file} must both have 'y' or both lack it.")
+  if tx.shape[1:] != x.shape[1:]:
+    raise DataError(f"{test_file} images are {tx.shape[1:]}, {path} {x.shape[1:]}; they must "
+                    f"match.")
+  num_classes = None
+  if y is not None:
+    num_classes = check_class_ids(
+        np.concatenate([y, ty]), f"{path} with {test_file}",
+        "ids = np.unique(np.concatenate([y, y_test]), return_inverse=True)[1]; "
+        "y, y_test = ids[:len(y)], ids[len(y):]")
+    y, ty = y.astype(np.int32), ty.astype(np.int32)
+  return ImageDataset(name=name, pretrain_images=x, train_images=x, train_labels=y,
+                      test_images=tx if ty is not None else None, test_labels=ty,
+                      num_classes=num_classes)

@@ -13,6 +13,7 @@ import jax
 import ml_collections
 
 from metaug_jax import losses, parallel
+from metaug_jax.config_check import Range
 from metaug_jax.methods import common, registry, siamese
 from metaug_jax.methods.registry import PaperRow, table1
 
@@ -29,7 +30,7 @@ def defaults() -> ml_collections.ConfigDict:
 @registry.register(
     "barlow_twins", summary="Barlow Twins: cross-correlation of the views' projections "
     "towards the identity", section="barlow_twins", defaults=defaults,
-    ranges={"lambda_offdiag": (0.0, None, False), "scale_loss": (0.0, None, False)},
+    ranges={"lambda_offdiag": Range(0), "scale_loss": Range(0, lo_open=True)},
     variant=siamese.two_view_variant, check=siamese.two_view_check("barlow_twins"),
     paper_rows=(PaperRow("Barlow Twins", {}, table1(39.81, 40.34, 80.97, 81.43, 76.63, 78.49,
                                                      52.80, 52.95)),))

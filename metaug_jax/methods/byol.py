@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from metaug_jax import ema, losses, parallel
+from metaug_jax.config_check import Range
 from metaug_jax.methods import common, registry, siamese
 from metaug_jax.methods.registry import PaperRow, table1
 from metaug_jax.models.layers import l2_normalize
@@ -29,7 +30,7 @@ def defaults() -> ml_collections.ConfigDict:
 @registry.register(
     "byol", summary="BYOL: predictor + EMA target network, no negatives",
     section="byol", defaults=defaults,
-    ranges={"base_decay": (0.0, 1.0, False), "predictor_hidden": (1, None, True)},
+    ranges={"base_decay": Range(0, 1), "predictor_hidden": Range(1, integer=True)},
     variant=siamese.two_view_variant, check=siamese.two_view_check("byol"),
     paper_rows=(PaperRow("BYOL", {}, table1(41.59, 41.90, 81.73, 81.57, 77.18, 80.01,
                                              53.64, 53.78)),))

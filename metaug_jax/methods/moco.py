@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from metaug_jax import ema, losses, parallel, queue
+from metaug_jax.config_check import Range
 from metaug_jax.methods import common, registry, siamese
 from metaug_jax.methods.registry import PaperRow, table1
 
@@ -44,8 +45,8 @@ def _check(config) -> list:
 @registry.register(
     "moco", summary="MoCo v2: momentum key encoder, queue of negatives, InfoNCE (t = 0.2)",
     section="moco", defaults=defaults,
-    ranges={"queue_size": (1, None, True), "momentum": (0.0, 1.0, False),
-            "temperature": (1e-6, None, False)},
+    ranges={"queue_size": Range(1, integer=True), "momentum": Range(0, 1, hi_open=True),
+            "temperature": Range(0, lo_open=True)},
     variant=siamese.two_view_variant, check=_check,
     paper_rows=(PaperRow("MoCo", {}, table1(35.90, 41.37, 77.50, 79.73, 76.37, 79.30,
                                              51.04, 52.31)),))

@@ -31,7 +31,7 @@ class MethodSpec:
   summary: str
   section: Optional[str] = None                  # config field holding its own settings
   defaults: Optional[Callable[[], ml_collections.ConfigDict]] = None
-  ranges: Optional[dict] = None                  # numeric field of the section -> (lo, hi, int?)
+  ranges: Optional[dict] = None                  # section field -> config_check.Range/Choice
   variant: Optional[Callable[[ml_collections.ConfigDict], None]] = None
   check: Optional[Callable[[ml_collections.ConfigDict], list]] = None
   paper_rows: tuple = ()
@@ -62,8 +62,8 @@ def register(name: str, *, summary: str, section: Optional[str] = None,
     section: name of the config section with the method's own fields (config.<section>),
       created from `defaults()` in the base config; several methods may share one.
     defaults: returns the section's ConfigDict with every field and its default.
-    ranges: {field: (low, high, integer)} for the section's numeric fields (inclusive bounds,
-      None for unbounded), checked by config validation.
+    ranges: {field: config_check.Range or Choice} for every number and choice of the
+      section, checked by config validation like the base config's fields.
     variant: edits a dataset config into this method's setup (views, encoder sharing, ...);
       `apply_variant` then sets `config.method = name`.
     check: returns one line per problem of a config that selects this method (config
@@ -105,7 +105,7 @@ def config_sections() -> dict:
 
 
 def section_ranges() -> dict:
-  """{"section.field": (low, high, integer)} over all methods' sections."""
+  """{"section.field": Range or Choice} over all methods' sections."""
   out = {}
   for spec in _SPECS.values():
     for field, bounds in (spec.ranges or {}).items():

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from metaug_jax import losses, parallel
+from metaug_jax.config_check import Range
 from metaug_jax.methods import common, registry, siamese
 
 
@@ -22,7 +23,7 @@ def defaults() -> ml_collections.ConfigDict:
 
 @registry.register(
     "simsiam", summary="SimSiam: predictor + stop-gradient, negative cosine, no negatives",
-    section="simsiam", defaults=defaults, ranges={"predictor_hidden": (0, None, True)},
+    section="simsiam", defaults=defaults, ranges={"predictor_hidden": Range(0, integer=True)},
     variant=siamese.two_view_variant, check=siamese.two_view_check("simsiam"))
 class SimSiam(siamese.TwoViewMethod):
   """SimSiam with a shared two-view encoder and its bottleneck predictor."""

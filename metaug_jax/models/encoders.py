@@ -235,6 +235,72 @@ _ENCODERS = {
 }
 
 
+# ---- input sizes -------------------------------------------------------------------------
+# The spatial arithmetic of the modules above, so that a config is checked before any init:
+# a conv maps s to (s + 2p - k) // stride + 1, a VALID max pool to (s - w) // stride + 1 and a
+# SAME one to ceil(s / stride). tests/test_config_check.py checks it against initialisations.
+
+
+def _conv_side(s: int, kernel: int, stride: int, pad: int) -> int:
+  """Output side of a square conv (0: the kernel does not fit)."""
+  return (s + 2 * pad - kernel) // stride + 1 if stride >= 1 and s + 2 * pad >= kernel else 0
+
+
+def _valid_pool_side(s: int, window: int, stride: int) -> int:
+  """Output side of a VALID max pool (0: the window does not fit)."""
+  return (s - window) // stride + 1 if s >= window else 0
+
+
+def _same_pool_side(s: int, stride: int) -> int:
+  """Output side of a SAME max pool."""
+  return -(-s // stride)
+
+
+def conv_map_side(encoder: str, size: int) -> int:
+  """Side of `encoder`'s last conv map for size x size inputs (0: the input is too small)."""
+  if size < 1:
+    return 0
+  if encoder == "digits_conv":    # 3x3 p1 convs keep the side; two 2/2 VALID pools
+    return _valid_pool_side(_valid_pool_side(size, 2, 2), 2, 2)
+  if encoder == "resnet18":       # 3x3 p1 stem, then three 3x3 p1 stride-2 stages
+    for _ in range(3):
+      size = _conv_side(size, 3, 2, 1)
+    return size
+  if encoder == "alexnet_half":   # conv1 11x11/4 p2, VALID 3/2 pools after conv1, 2 and 5
+    s = _valid_pool_side(_conv_side(size, 11, 4, 2), 3, 2)
+    return _valid_pool_side(_valid_pool_side(s, 3, 2), 3, 2)
+  if encoder == "alexnet_small":  # conv1 5x5 p2 stride size // 32, SAME 3/2 pools
+    s = _conv_side(size, 5, size // 32, 2)
+    return _same_pool_side(_same_pool_side(_same_pool_side(s, 2), 2), 2) if s else 0
+  raise ValueError(f"unknown encoder {encoder!r}; allowed: {', '.join(ENCODER_NAMES)}")
+
+
+# The fc6 sizes are fixed by the conv map of one input size (AlexNetHalf: 6x6 at 224;
+# AlexNetSmall: 4x4 at every multiple of 32), and each module refuses other sizes.
+_SIZE_RULES = {
+    "alexnet_half": (lambda s: s == 224, "224 only"),
+    "alexnet_small": (lambda s: s % 32 == 0, "a multiple of 32 (32, 64, 96, ...)"),
+}
+
+
+def accepts_input_size(encoder: str, size: int) -> bool:
+  """Whether `encoder` initialises on size x size inputs."""
+  rule = _SIZE_RULES.get(encoder, (lambda s: True, ""))[0]
+  return conv_map_side(encoder, size) >= 1 and rule(size)
+
+
+def smallest_input_size(encoder: str) -> int:
+  """The smallest input side `encoder` accepts."""
+  return next(s for s in range(1, 1025) if accepts_input_size(encoder, s))
+
+
+def input_sizes_text(encoder: str) -> str:
+  """The input sides `encoder` accepts, in words: '224 only', '>= 4', ..."""
+  if encoder in _SIZE_RULES:
+    return _SIZE_RULES[encoder][1]
+  return f">= {smallest_input_size(encoder)}"
+
+
 def parse_dtype(name: str) -> Dtype:
   """Maps the config string "float32" / "bfloat16" to a jnp dtype."""
   if name not in _DTYPES:
