@@ -46,6 +46,9 @@ def test_alexnet_half_spec_shapes_and_size():
   assert "bias" not in variables["params"]["conv1"]["conv"]
   assert abs(_num_params(variables) - 14.85e6) / 14.85e6 < 0.01
   _assert_unit_norm(out["embedding"])
+  p = np.asarray(out["projection"])  # the embedding before its L2 normalisation
+  np.testing.assert_allclose(np.asarray(out["embedding"]),
+                             p / np.linalg.norm(p, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
   assert (np.asarray(out["fc"]) >= 0).all()  # after ReLU
 
 
@@ -66,10 +69,10 @@ def test_encoder_output_shapes(model, size, channels, conv_dim, fc_dim):
   # Shapes by abstract evaluation (cheap); values are checked on the digits net below.
   out, _ = jax.eval_shape(lambda x: model.init_with_output(KEY, x, train=False),
                           _images(2, size, channels))
-  assert set(out) == {"conv", "fc", "embedding"}
+  assert set(out) == {"conv", "fc", "projection", "embedding"}
   assert out["conv"].shape == (2, conv_dim)
   assert out["fc"].shape == (2, fc_dim)
-  assert out["embedding"].shape == (2, model.embedding_dim)
+  assert out["embedding"].shape == out["projection"].shape == (2, model.embedding_dim)
   assert all(a.dtype == jnp.float32 for a in out.values())
 
 
@@ -77,6 +80,9 @@ def test_encoder_embeddings_unit_norm():
   # The L2 head is shared by all encoders (AlexNetHalf is also run above).
   out, _ = DigitsConvNet().init_with_output(KEY, _images(2, 16, 3), train=True)
   _assert_unit_norm(out["embedding"])
+  p = np.asarray(out["projection"])  # the embedding before its L2 normalisation
+  np.testing.assert_allclose(np.asarray(out["embedding"]),
+                             p / np.linalg.norm(p, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
   assert (np.asarray(out["fc"]) >= 0).all()
   assert np.isfinite(np.asarray(out["conv"])).all()
 
