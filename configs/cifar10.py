@@ -1,4 +1,5 @@
-"""CIFAR-10 with the paper's MetAug settings (spec 5.4): 3 Lab views, half AlexNet at 224x224.
+"""CIFAR-10 with the paper's MetAug settings (docs/metaug.md §5.4): 3 Lab views, half AlexNet
+at 224x224.
 
 COMMAND: python -m metaug_jax.main --config=configs/cifar10.py --workdir=runs/cifar10 --config.data_dir=DIR
 Needs the data (README: "Datasets") and an accelerator for the full 300 epochs of three AlexNets

@@ -1,4 +1,4 @@
-"""CIFAR-100 with the paper's MetAug settings (spec 5.4).
+"""CIFAR-100 with the paper's MetAug settings (docs/metaug.md §5.4).
 
 COMMAND: python -m metaug_jax.main --config=configs/cifar100.py --workdir=runs/cifar100 --config.data_dir=DIR
 Needs the data (README: "Datasets") and an accelerator for the full 300 epochs of three AlexNets

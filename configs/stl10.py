@@ -1,4 +1,5 @@
-"""STL-10 with the paper's MetAug settings; pre-trains on train+unlabelled, probes on train/test (spec A7).
+"""STL-10 with the paper's MetAug settings; pre-trains on train+unlabelled, probes on train/test
+(docs/metaug.md, decision A7).
 
 COMMAND: python -m metaug_jax.main --config=configs/stl10.py --workdir=runs/stl10 --config.data_dir=DIR
 Needs the data (README: "Datasets") and an accelerator for the full 300 epochs of three AlexNets

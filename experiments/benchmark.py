@@ -81,7 +81,7 @@ DEFAULT_BATCHES = {"digits_conv": (64, 128, 256), "alexnet_small": (32, 64),
                    "resnet18": (32,), "alexnet_half": (64,)}
 PLAIN_METHODS = {"digits_conv": ("simclr", "cmc")}  # others: ("cmc",)
 # Named steps that are a method plus config overrides. "metaug" itself is the default,
-# paper-ordered step (spec 5.1) with the forward-over-reverse meta-gradient.
+# paper-ordered step (docs/metaug.md §5.1) with the forward-over-reverse meta-gradient.
 STEP_VARIANTS = {
     # The virtual step starts from the current theta, so Phase A's gradient is the inner one.
     "metaug_fused": ("metaug", (("metaug.virtual_step_from", "current"),)),
@@ -161,7 +161,8 @@ def _overrides_suffix(overrides) -> str:
 
 
 def make_config(setting: Setting):
-  """The config of a setting: the digits quick-start, or the paper's settings (spec 5.4)."""
+  """The config of a setting: the digits quick-start, or the paper's settings (docs/metaug.md
+  §5.4)."""
   sys.path.insert(0, os.path.join(ROOT, "configs"))
   import digits  # pylint: disable=g-import-not-at-top  (configs/digits.py)
   from metaug_jax import config_base  # pylint: disable=g-import-not-at-top
@@ -330,7 +331,8 @@ def metaug_parts(method, config):
   """Pure functions (state, batch) for the parts of one MetAug step, each pmappable.
 
   views   the augmented views alone;
-  phase_a Phase A: grad over the encoders of L_total with the MAGs frozen (spec 5.1), pmean;
+  phase_a Phase A: grad over the encoders of L_total with the MAGs frozen (docs/metaug.md
+          §5.1), pmean;
   phase_b Phase B: the MAG meta-gradient through the virtual encoder step (second order,
           `MetAug.paper_meta_gradient`, as configured: forward-over-reverse or double
           backward), both paths, pmean.

@@ -1,8 +1,9 @@
 """Where the AlexNet-half step spends its time: each conv layer's passes, timed alone.
 
-For every conv of the paper's encoder (spec 3.1) at the paper's batch, this times, one jitted
-function each: the forward conv, its weight gradient, its input gradient and its forward-mode
-tangent (the MetAug tangent pass: tangents in both the input and the weights), and reports
+For every conv of the paper's encoder (docs/metaug.md §3.1) at the paper's batch, this times,
+one jitted function each: the forward conv, its weight gradient, its input gradient and its
+forward-mode tangent (the MetAug tangent pass: tangents in both the input and the weights), and
+reports
 GFLOP/s next to a large matmul, the best this backend does on dense f32 arithmetic. conv1 is
 timed for the three view widths (L: 1, ab: 2, Lab: 3 channels).
 
@@ -38,7 +39,8 @@ LIBRARY_LABEL = {"eigen": "Eigen (xla_cpu_conv_library=eigen, our default)",
                                 "YNNPACK in jaxlib 0.10-0.11)"}
 
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
-# (name, input side, input channels, kernel, stride, padding, output channels): spec 3.1.
+# The table of docs/metaug.md §3.1: (name, input side, input channels, kernel, stride, padding,
+# output channels).
 LAYERS = (
     ("conv1 (L)", 224, 1, 11, 4, 2, 48),
     ("conv1 (ab)", 224, 2, 11, 4, 2, 48),

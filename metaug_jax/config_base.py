@@ -41,7 +41,7 @@ def get_base_config() -> ml_collections.ConfigDict:
                                  # holding one .npz, or train.npz + test.npz)
   c.download = False             # let tfds download and prepare (needs network + tensorflow)
   c.data = ml_collections.ConfigDict()
-  c.data.views = "augmented_copies"  # one of VIEW_KINDS (spec section 2.1)
+  c.data.views = "augmented_copies"  # one of VIEW_KINDS (docs/metaug.md §2.1)
   c.data.num_views = 2           # for augmented_copies / simclr views
   c.data.input_size = 16         # side of the square image the encoder sees
   c.data.crop_scale = (0.3, 1.0)  # RandomResizedCrop area range (paper: 0.2-1.0)
@@ -56,7 +56,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.split_seed = 0          # the seeded train/test split of digits, folder and npz
   c.data.test_file = ""          # npz: optional separate test file
   c.data.folder_image_size = 0   # folder: resize every image to this side (0: most common size)
-  c.data.stl10_pretrain_split = "train+unlabelled"  # spec A7
+  c.data.stl10_pretrain_split = "train+unlabelled"  # docs/metaug.md, decision A7
   c.data.prefetch = 2            # host batches prepared ahead of the device
 
   # ---- model ------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.embedding_dim = 128
   c.model.width = 1.0            # channel multiplier (digits_conv, alexnet_small, resnet18)
   c.model.share_encoder = False  # one encoder for all views (SimCLR) or one per view (CMC)
-  c.model.mag_hidden = 2048      # MAG width (spec 3.2)
+  c.model.mag_hidden = 2048      # MAG width (docs/metaug.md §3.2)
   c.model.dtype = "float32"      # compute dtype: float32 or bfloat16 (params stay float32)
   c.model.remat = False          # rematerialise the conv blocks (memory for compute)
   # Precision of the training step's float32 matmuls and convolutions (jax's
@@ -98,7 +98,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.num_epochs = 40
   c.num_train_steps = 0          # >0 overrides num_epochs
   c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 0.03              # encoder SGD (spec 5.4)
+  c.optim.lr = 0.03              # encoder SGD (docs/metaug.md §5.4)
   c.optim.momentum = 0.9
   c.optim.weight_decay = 1e-4
   c.optim.lr_decay_epochs = (120, 160, 200)  # x lr_decay_rate after each of these epochs
@@ -120,18 +120,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.loss.tau_plus = 0.1
   c.loss.hard_beta = 1.0
 
-  # ---- memory bank (CMC NCE-average style, spec 3.3) ----------------------------------------
+  # ---- memory bank (CMC NCE-average style, docs/metaug.md §3.3) ----------------------------
   c.bank = ml_collections.ConfigDict()
   c.bank.num_negatives = 1024    # K per bank call
   c.bank.momentum = 0.5
-  c.bank.schedule = "clean"      # "clean" (spec A6) or "code_exact"
+  c.bank.schedule = "clean"      # "clean" (docs/metaug.md, decision A6) or "code_exact"
 
-  # ---- MetAug (spec sections 4-5) -----------------------------------------------------------
+  # ---- MetAug (docs/metaug.md §4-5) ---------------------------------------------------------
   c.metaug = ml_collections.ConfigDict()
-  c.metaug.algorithm = "paper"   # "paper" (spec 5.1) or "legacy" (spec 5.3)
+  c.metaug.algorithm = "paper"   # "paper" (docs/metaug.md §5.1) or "legacy" (§5.3)
   c.metaug.first_order = False   # stop-gradient through the inner gradient (ablation)
   c.metaug.inner_lr = 1e-3       # alpha of the virtual SGD step
-  c.metaug.virtual_step_from = "updated"  # "updated": theta after the real step (spec 5.1);
+  c.metaug.virtual_step_from = "updated"  # "updated": theta after the real step (§5.1);
                                           # "current": fused with Phase A (one pass fewer)
   # How the second-order part -alpha (d g / d omega)^T v of the MAG gradient is taken:
   # "reverse": jax.grad through jax.grad (the inner step's graph is kept for a double
@@ -182,12 +182,13 @@ def get_base_config() -> ml_collections.ConfigDict:
 
 
 def paper_config(dataset: str, arg: str = ""):
-  """The settings of the authors' code (spec 5.4, 7) for any of the paper's datasets."""
+  """The settings of the authors' code for any of the paper's datasets (docs/metaug.md §5.4,
+  §7)."""
   c = get_base_config()
   c.dataset = dataset
   c.method = "metaug"
-  c.data.views = "lab"                # L, ab and the full Lab image (spec 2.1)
-  c.data.input_size = 224             # every dataset is resized to 224 (spec A8)
+  c.data.views = "lab"                # L, ab and the full Lab image (docs/metaug.md §2.1)
+  c.data.input_size = 224             # every dataset is resized to 224 (decision A8)
   c.data.crop_scale = (0.2, 1.0)
   c.data.flip = True
   c.model.encoder = "alexnet_half"
@@ -211,7 +212,7 @@ def paper_config(dataset: str, arg: str = ""):
   c.eval.probe_lr = 0.1
   c.eval.probe_batch_size = 256
   c.eval.probe_weight_decay = 0.0
-  c.eval.probe_augment = True         # spec 7: RandomResizedCrop + flip while probing
+  c.eval.probe_augment = True         # docs/metaug.md §7: RandomResizedCrop + flip while probing
   for part in filter(None, arg.split(",")):
     if part == "small":
       c.data.input_size = 32 if dataset in ("cifar10", "cifar100") else 64

@@ -4,7 +4,7 @@ Rebuilds the model from the config saved with the checkpoint (or from --config, 
 match it in every shape-relevant field), restores the newest (or --step / --config.eval.step)
 checkpoint without touching the training state, and evaluates the frozen encoder (BatchNorm
 in eval mode) two ways on features extracted once:
-  * the linear probe (spec section 7) on the conv / fc (/ mag_hidden) features;
+  * the linear probe (docs/metaug.md §7) on the conv / fc (/ mag_hidden) features;
   * the weighted kNN classifier (Wu et al. 2018; k = eval.knn_k, T = eval.knn_temperature) on
     the contrastive `embedding`, the training-free number InstDisc / MoCo / CMC report.
 Both are printed as one markdown table and saved to DIR/eval_step_<step>.json.

@@ -1,9 +1,9 @@
-"""Per-view memory banks in the CMC "NCE-average" style (spec section 3.3), as plain arrays.
+"""Per-view memory banks in the CMC "NCE-average" style (docs/metaug.md §3.3), as plain arrays.
 
 The banks are one (V, N, D) array inside the train state: row n of bank v is a running,
-unit-norm average of view v's embedding of example n. A "bank call" (spec 4.2) scores the
-queries of every view against the *other* views' banks at K+1 sampled rows per anchor, column 0
-being the anchor's own row (the positive). Banks never carry gradient.
+unit-norm average of view v's embedding of example n. A "bank call" (docs/metaug.md §4.2)
+scores the queries of every view against the *other* views' banks at K+1 sampled rows per
+anchor, column 0 being the anchor's own row (the positive). Banks never carry gradient.
 """
 
 import itertools
@@ -31,7 +31,8 @@ def directions(num_views: int) -> tuple[tuple[int, int], ...]:
 
 def sample_negatives(key: jax.Array, global_batch: int, num_negatives: int,
                      bank_size: int) -> jax.Array:
-  """Uniform bank rows, (global_batch, K), drawn for the whole global batch (spec A13).
+  """Uniform bank rows, (global_batch, K), drawn for the whole global batch (docs/metaug.md,
+  decision A13).
 
   Drawing for the global batch and slicing per device keeps the negatives of an example
   independent of the device count. Collisions with the anchor are kept, as in CMC.
@@ -52,7 +53,7 @@ def gather(banks: jax.Array, indices: jax.Array) -> jax.Array:
 
 def draw_indices(key: jax.Array, anchor_index: jax.Array, global_batch: int,
                  num_negatives: int, bank_size: int) -> jax.Array:
-  """This device's (B, K+1) call indices, drawn for the global batch and sliced (spec A13)."""
+  """This device's (B, K+1) call indices, drawn for the global batch and sliced (decision A13)."""
   negatives = sample_negatives(key, global_batch, num_negatives, bank_size)
   negatives = parallel.local_rows(negatives, anchor_index.shape[0])
   return call_indices(anchor_index, negatives)
@@ -64,7 +65,7 @@ DENSE_SCORING_MAX_ROWS_PER_CALL_ROW = 64
 
 def score_call(queries: Sequence[jax.Array], banks: jax.Array, indices: jax.Array,
                dense: Optional[bool] = None) -> jax.Array:
-  """One bank call: d = (cos + 1) / 2 for every directed view pair (spec 3.4).
+  """One bank call: d = (cos + 1) / 2 for every directed view pair (docs/metaug.md §3.4).
 
   Two equal ways (tested): gather the (B, K+1, D) rows of each bank, then dot them with the
   queries; or score each query against the whole bank, (B, D) x (D, N), and pick the (B, K+1)

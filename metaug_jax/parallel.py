@@ -2,9 +2,9 @@
 
 The train state is replicated (pmap `in_axes=None, out_axes=None`, the flax imagenet idiom),
 the batch carries a leading device axis. Inside a step, gradients are averaged with
-`lax.pmean` *after* `grad` (jax_notes 3.2: the pmap idiom), BatchNorm statistics are synced
-over AXIS, and anything random is drawn for the global batch and sliced, so a step gives the
-same result on any number of devices.
+`lax.pmean` *after* `grad` (docs/implementation.md §3.2: the pmap idiom), BatchNorm
+statistics are synced over AXIS, and anything random is drawn for the global batch and sliced,
+so a step gives the same result on any number of devices.
 """
 
 import contextlib

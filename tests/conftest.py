@@ -1,4 +1,5 @@
-"""Test set-up: 4 simulated CPU devices, set before anything imports jax (jax_notes 3.3)."""
+"""Test set-up: 4 simulated CPU devices, set before anything imports jax
+(docs/implementation.md §3.3)."""
 
 import os
 

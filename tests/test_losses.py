@@ -1,4 +1,5 @@
-"""Losses against direct NumPy formulas (spec 4.1, 4.3, 12.1-12.2) and multi-device NT-Xent."""
+"""Losses against direct NumPy formulas (docs/metaug.md §4.1, §4.3, §12.1-12.2) and
+multi-device NT-Xent."""
 
 import functools
 
@@ -19,7 +20,7 @@ def _scores(seed, b=5, p=6, n=11):
 
 def _np_oucl(pos, neg, form, beta, gamma_pos=0.0, gamma_neg=0.0, margin=0.25,
              adaptive=False, scale="code"):
-  """The paper's forms as explicit double sums over the P x N pairs (spec 4.1)."""
+  """The paper's forms as explicit double sums over the P x N pairs (docs/metaug.md §4.1)."""
   out = []
   for p, n in zip(pos, neg):
     if form == 1:
@@ -65,7 +66,8 @@ def test_oucl_matches_double_sum(kwargs):
 
 
 def test_oucl_code_default_equals_spec_identity():
-  """Spec 12.1: code default = log(1 + sum_k sum_j exp(16 (n_j - p_k))), in float32 too."""
+  """Code default = log(1 + sum_k sum_j exp(16 (n_j - p_k))), in float32 too (docs/metaug.md
+  §12.1)."""
   pos, neg = _scores(1, b=4, p=6, n=64)
   got = oucl(jnp.asarray(pos, jnp.float32), jnp.asarray(neg, jnp.float32))
   want = np.log1p(np.exp(16.0 * (neg[:, None, :] - pos[:, :, None])).sum(axis=(1, 2)))
@@ -141,7 +143,7 @@ def test_oucl_rejects_bad_options():
     oucl(pos, neg, scale="torch")
 
 
-# ---- margin-injected regulariser (spec 4.3, 12.2) --------------------------------------------
+# ---- margin-injected regulariser (docs/metaug.md §4.3, §12.2) ------------------------------
 
 # Row 0 overlaps (min positive 0.4 <= max negative 0.6); row 1 is separated (0.8 > 0.3).
 _ORIG_POS = jnp.array([[0.9, 0.4, 0.7], [0.95, 0.8, 0.85]])
@@ -177,7 +179,7 @@ def test_margin_regularizer_hand_computed():
 
 
 def test_margin_thresholds_not_detached():
-  """Spec 4.3: gradients flow into the original scores through min / max."""
+  """docs/metaug.md §4.3: gradients flow into the original scores through min / max."""
   def r(orig_pos):
     sp, sn = margin_thresholds(orig_pos, _ORIG_NEG, "large")
     return margin_regularizer(jnp.full((2, 2), 0.9), jnp.full((2, 3), 0.1), sp, sn)

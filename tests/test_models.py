@@ -1,4 +1,5 @@
-"""Encoders, MAG and layer helpers: shapes (spec 3.1, 3.2, 12.4), SyncBN under pmap, remat."""
+"""Encoders, MAG and layer helpers: shapes (docs/metaug.md §3.1, §3.2, §12.4), SyncBN under
+pmap, remat."""
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,8 @@ def _model_config(**kw):
 
 
 def test_alexnet_half_spec_shapes_and_size():
-  """Spec 3.1 / 12.4: conv5 6x6x128 (4608), fc6 2048, ~14.85M parameters per 3-channel view."""
+  """conv5 6x6x128 (4608), fc6 2048, ~14.85M parameters per 3-channel view (docs/metaug.md
+  §3.1, §12.4)."""
   model = AlexNetHalf()
   out, variables = model.init_with_output(KEY, _images(2, 224, 3), train=False)
   assert out["conv"].shape == (2, 4608)
@@ -195,7 +197,7 @@ def test_multiview_encoder_shared():
 
 
 def test_mag_shapes_and_unit_norm():
-  """Spec 3.2 / 12.4: 128 -> 2048 -> 2048 -> 128, ~4.73M parameters."""
+  """docs/metaug.md §3.2, §12.4: 128 -> 2048 -> 2048 -> 128, ~4.73M parameters."""
   z = l2_normalize(jax.random.normal(KEY, (4, 128)))
   out, variables = MAG().init_with_output(KEY, z, train=True)
   assert out["hidden"].shape == (4, 2048) and out["embedding"].shape == (4, 128)

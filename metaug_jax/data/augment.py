@@ -17,8 +17,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-LAB_MEAN = (50.0, 6.025, -6.6895)        # spec 2.2: midpoints of the L, a, b ranges
-LAB_STD = (50.0, 92.208, 101.1675)       # spec 2.2: half-ranges of the L, a, b ranges
+LAB_MEAN = (50.0, 6.025, -6.6895)        # docs/metaug.md §2.2: midpoints of the L, a, b ranges
+LAB_STD = (50.0, 92.208, 101.1675)       # docs/metaug.md §2.2: half-ranges of the L, a, b ranges
 _D65_WHITE = (0.95047, 1.0, 1.08883)     # CIE XYZ of the D65 2-degree white (skimage)
 _XYZ_FROM_RGB = ((0.412453, 0.357580, 0.180423),
                  (0.212671, 0.715160, 0.072169),
@@ -237,7 +237,7 @@ def rgb_to_lab(rgb: jax.Array) -> jax.Array:
 
 
 def normalize_lab(lab: jax.Array) -> jax.Array:
-  """(lab - mean) / std with the spec-2.2 constants: each channel to about [-1, 1]."""
+  """(lab - mean) / std, the constants of docs/metaug.md §2.2: each channel to about [-1, 1]."""
   chex.assert_axis_dimension(lab, -1, 3)
   return (lab - jnp.asarray(LAB_MEAN, jnp.float32)) / jnp.asarray(LAB_STD, jnp.float32)
 

@@ -1,8 +1,8 @@
-"""The views the encoders see (spec section 2): batched, jit-able, one PRNG key per example.
+"""The views the encoders see (docs/metaug.md §2): batched, jit-able, one PRNG key per example.
 
 View kinds (`data_config.views`):
   * "lab":  one random resized crop (+flip) per image, to normalised Lab, split into the
-            L (1 channel), ab (2) and Lab (3) views (spec 2.1-2.2).
+            L (1 channel), ab (2) and Lab (3) views (docs/metaug.md §2.1-2.2).
   * "lab2": the same crop, only the L and ab views.
   * "augmented_copies": `num_views` independent crops (+flip), small rotation/translation and
             Gaussian noise, standardised to [-1, 1]; the default for grey data.

@@ -1,10 +1,10 @@
-"""Linear probe on frozen features (spec section 7): conv and fc levels, encoders in eval mode.
+"""Linear probe on frozen features (docs/metaug.md §7): conv and fc levels, encoders in eval mode.
 
 Features are extracted once with BatchNorm running statistics (the encoders are frozen), then
 a softmax classifier is trained on them with SGD + momentum and a step decay shaped like the
 paper's (x0.2 at 1/2, 2/3 and 5/6 of the epochs; the paper: 30/40/50 of 60). Both the
 final-epoch and the best-epoch test accuracy are reported; the paper's tables use the best
-epoch (selection on the test set, spec A9), so the final one is the honest number.
+epoch (test-set selection, docs/metaug.md, decision A9), so the final one is the honest number.
 """
 
 import functools
@@ -64,7 +64,7 @@ def _optimizer(lr: float, weight_decay: float, epochs: int, steps_per_epoch: int
 
 
 def _init(key, dim: int, num_classes: int) -> dict:
-  """Weights N(0, 0.01^2), zero bias (spec A12)."""
+  """Weights N(0, 0.01^2), zero bias (docs/metaug.md, decision A12)."""
   return {"w": 0.01 * jax.random.normal(key, (dim, num_classes)), "b": jnp.zeros((num_classes,))}
 
 
@@ -155,7 +155,7 @@ def evaluate(method, params, batch_stats, dataset, config, seed: Optional[int] =
 
 
 def probe_augmented(method, params, batch_stats, dataset, config, seed: int) -> dict:
-  """The paper's protocol (spec 7): every epoch the probe sees freshly augmented training
+  """The paper's protocol (docs/metaug.md §7): each epoch the probe sees freshly augmented training
   views (random resized crop, flip) through the frozen encoder; test images are not augmented.
   Standardisation statistics come from the un-augmented training features."""
   ec = config.eval

@@ -7,12 +7,12 @@ chosen once at construction:
   * kNN accuracy (knn.py, k = eval.knn_k, T = eval.knn_temperature) of `eval.monitor_examples`
     test images against a memory of up to MEMORY_EXAMPLES labelled train images, on the
     `embedding` features of the deterministic eval views (all views' embeddings concatenated);
-  * the cosine-similarity distributions that the Feature-Transformation paper plots (siblings
-    spec A.3): positives = view 0's embedding vs view 1's embedding of the *same* image under
-    two training augmentations (for one-encoder-per-view methods, encoder 0 on view 0 against
-    encoder 1 on view 1, i.e. the pair the contrastive loss pulls together), negatives = the
-    same two embeddings of *different* images. The augmentation keys are fixed, so successive
-    histograms differ only through the parameters.
+  * the cosine-similarity distributions that the Feature-Transformation paper plots
+    (docs/contrastive_baselines.md §9): positives = view 0's embedding vs view 1's embedding
+    of the *same* image under two training augmentations (for one-encoder-per-view methods,
+    encoder 0 on view 0 against encoder 1 on view 1, i.e. the pair the contrastive loss pulls
+    together), negatives = the same two embeddings of *different* images. The augmentation
+    keys are fixed, so successive histograms differ only through the parameters.
 
 Histograms (fixed bins over [-1, 1]) are appended with the step to `workdir/score_hist.jsonl`
 for plots.py. The monitor reads the parameters only: it never touches the train state or its

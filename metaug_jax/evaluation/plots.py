@@ -8,7 +8,8 @@ Files written:
   * curves.png        loss terms, OUCL parts, margin term, bank scores, MAG gradient norms
                       (direct vs second-order, log scale), encoder gradient norm, kNN accuracy;
   * score_hist.png    positive vs negative cosine-similarity histograms, one panel per recorded
-                      step (the Feature-Transformation paper's view of training, siblings A.3);
+                      step (the Feature-Transformation paper's view of training,
+                      docs/contrastive_baselines.md §9);
   * embedding_2d.png  t-SNE (or UMAP when `umap` is importable) of test embeddings by class.
 
 `write_diagnostics(exp, state, workdir)` is what the training loop calls once at the end: it

@@ -1,6 +1,6 @@
-"""Contrastive losses: NT-Xent, CMC bank InfoNCE, OUCL (spec 4.1) and the margin term (4.3);
-the InfoNCE family from scores (plain / debiased / hard negatives) and the losses without
-negatives of the baselines (SimSiam, BYOL, Barlow Twins)."""
+"""Contrastive losses: NT-Xent, CMC bank InfoNCE, OUCL (docs/metaug.md §4.1) and the margin
+term (§4.3); the InfoNCE family from scores (plain / debiased / hard negatives) and the losses
+without negatives of the baselines (SimSiam, BYOL, Barlow Twins)."""
 
 from metaug_jax.losses.contrastive import bank_infonce, bank_scores, nt_xent, score_from_cosine
 from metaug_jax.losses.margin import MARGIN_TYPES, margin_regularizer, margin_thresholds

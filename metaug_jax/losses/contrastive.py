@@ -18,7 +18,7 @@ def _float(x: jax.Array) -> jax.Array:
 
 
 def score_from_cosine(cos: jax.Array) -> jax.Array:
-  """The paper's d(.) in [0, 1] from a cosine: (cos + 1) / 2 (spec 3.4)."""
+  """The paper's d(.) in [0, 1] from a cosine: (cos + 1) / 2 (docs/metaug.md §3.4)."""
   return (cos + 1.0) / 2.0
 
 
@@ -63,7 +63,7 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float,
 
 
 def bank_scores(query: jax.Array, rows: jax.Array) -> jax.Array:
-  """Dot products (cosines for unit vectors) of each query with its K+1 bank rows (spec 3.4).
+  """Dot products (cosines for unit vectors) of each query with its K+1 bank rows (§3.4 there).
 
   Args:
     query: (B, D).

@@ -1,4 +1,4 @@
-"""Margin-injected regularisation (spec 4.3, A4; paper Eq. 5 per issue #2)."""
+"""Margin-injected regularisation (docs/metaug.md §4.3, decision A4; paper Eq. 5 per issue #2)."""
 
 import chex
 import jax
@@ -9,11 +9,11 @@ MARGIN_TYPES = ("large", "medium", "small")
 
 def margin_thresholds(orig_pos: jax.Array, orig_neg: jax.Array,
                       margin_type: str) -> tuple[jax.Array, jax.Array]:
-  """Per-anchor thresholds (sigma+, sigma-) from the ORIGINAL features' scores (spec 4.3).
+  """Per-anchor thresholds (sigma+, sigma-) from the ORIGINAL features' scores (§4.3 there).
 
   With p_min the row's smallest positive score and n_max its largest negative score:
   "large": sigma+ = min(p_min, n_max), sigma- = max(p_min, n_max); "small": swapped;
-  "medium": both (p_min + n_max) / 2. Not detached: the caller decides (spec A4).
+  "medium": both (p_min + n_max) / 2. Not detached: the caller decides (decision A4).
 
   Args:
     orig_pos: (B, P) original positive scores.
@@ -38,7 +38,7 @@ def margin_thresholds(orig_pos: jax.Array, orig_neg: jax.Array,
 
 def margin_regularizer(aug_pos: jax.Array, aug_neg: jax.Array, sigma_pos: jax.Array,
                        sigma_neg: jax.Array, *, pos_scale: float = 1.0) -> jax.Array:
-  """R = pos_scale * mean_{i,k}[p~_ik - sigma+_i]_+ + mean_{i,j}[sigma-_i - n~_ij]_+ (spec 4.3).
+  """R = pos_scale * mean_{i,k}[p~_ik - sigma+_i]_+ + mean_{i,j}[sigma-_i - n~_ij]_+ (§4.3).
 
   The code's form (means, not the paper's sums); pos_scale = 1e-4 reproduces the code's
   hard-coded `margin_hyper` on the positive part.

@@ -1,10 +1,12 @@
-"""OUCL, the optimisation-driven unified contrastive loss (spec 4.1, A3; paper forms 1-3).
+"""OUCL, the optimisation-driven unified contrastive loss (paper forms 1-3).
 
-Scores are the paper's d in [0, 1] (d = (cos + 1) / 2, spec 3.4). For one anchor with
+See docs/metaug.md §4.1 and decision A3.
+
+Scores are the paper's d in [0, 1] (d = (cos + 1) / 2, docs/metaug.md §3.4). For one anchor with
 positive scores p_k and negative scores n_j, the pair double sums of forms 2 and 3 factorise
   log(1 + sum_k sum_j exp(a_j + b_k)) = softplus(LSE_j(a_j) + LSE_k(b_k)),
-which is exact, stable for large beta, and never builds the P x N pair matrix (spec 4.1: this
-is what the released code computes).
+which is exact, stable for large beta, and never builds the P x N pair matrix
+(docs/metaug.md §4.1: this is what the released code computes).
 """
 
 import chex
@@ -23,7 +25,7 @@ def _lse(x: jax.Array) -> jax.Array:
 def oucl(pos: jax.Array, neg: jax.Array, *, form: int = 3, beta: float = 16.0,
          gamma_pos: float = 0.0, gamma_neg: float = 0.0, margin: float = 0.25,
          adaptive: bool = False, scale: str = "code") -> jax.Array:
-  """Per-anchor OUCL (spec 4.1).
+  """Per-anchor OUCL (docs/metaug.md §4.1).
 
   Forms (P positives k, N negatives j per anchor; c the prefactor):
     1 (hinge):  [sum_j n_j - sum_k p_k + margin]_+                      (no prefactor)

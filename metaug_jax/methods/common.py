@@ -36,14 +36,15 @@ def step_keys(state: TrainState, names: tuple[str, ...]) -> dict:
 
 
 def encoder_lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
-  """Step decay: lr x decay_rate after each epoch in lr_decay_epochs (spec 5.4)."""
+  """Step decay: lr x decay_rate after each epoch in lr_decay_epochs (docs/metaug.md §5.4)."""
   boundaries = {int(e) * steps_per_epoch: config.optim.lr_decay_rate
                 for e in config.optim.lr_decay_epochs}
   return optax.piecewise_constant_schedule(config.optim.lr, boundaries)
 
 
 def sgd_with_coupled_decay(learning_rate, momentum: float, weight_decay: float):
-  """PyTorch SGD semantics: L2 added to the gradient, on all parameters (spec A12)."""
+  """PyTorch SGD semantics: L2 added to the gradient, on all parameters (docs/metaug.md,
+  decision A12)."""
   return optax.chain(optax.add_decayed_weights(weight_decay),
                      optax.sgd(learning_rate, momentum=momentum or None))
 
@@ -63,7 +64,8 @@ def apply_encoder(model, params, batch_stats, views, *, update_stats: bool = Tru
   """Train-mode forward of a multi-view module; returns (outputs, new batch_stats).
 
   With update_stats=False the running statistics computed by this forward are discarded
-  (the virtual forward of the meta step, spec A10); normalisation still uses batch stats.
+  (the virtual forward of the meta step, docs/metaug.md, decision A10); normalisation still
+  uses batch stats.
   """
   outputs, mutated = model.apply({"params": params, "batch_stats": batch_stats}, views,
                                  train=True, mutable=["batch_stats"])
@@ -81,6 +83,7 @@ def global_norm(tree: Any) -> jax.Array:
 
 
 def score_stats(pos: jax.Array, neg: jax.Array, prefix: str = "") -> dict:
-  """Positive / negative score statistics (spec siblings 5.5: comparable across methods)."""
+  """Positive / negative score statistics, comparable across methods
+  (docs/contrastive_baselines.md §9)."""
   return {f"{prefix}pos_mean": jnp.mean(pos), f"{prefix}pos_std": jnp.std(pos),
           f"{prefix}neg_mean": jnp.mean(neg), f"{prefix}neg_std": jnp.std(neg)}

@@ -1,6 +1,6 @@
 """MetAug (Li et al., ICML 2022): meta feature augmentation, margin injection and OUCL.
 
-One `train_step` holds the whole iteration of spec section 5, and is pmapped as one function:
+One `train_step` holds the whole iteration of docs/metaug.md §5, and is pmapped as one function:
 
   Phase A   encoders step on L_total(theta, omega) with the MAGs frozen (gradients still flow
             *through* the MAGs into the embeddings);
@@ -14,8 +14,9 @@ One `train_step` holds the whole iteration of spec section 5, and is pmapped as 
             backward graph alive.
 
 `config.method == "metaug_oucl_only"` trains the same encoders with O(S0) alone (the paper's
-"only OUCL" row). The objective L_total (spec 4.2) is a pure function of embeddings, so other
-feature augmenters can reuse `objective` with their own augmented embeddings.
+"only OUCL" row). The objective L_total (docs/metaug.md §4.2) is a pure function of
+embeddings, so other feature augmenters can reuse `objective` with their own augmented
+embeddings.
 """
 
 from typing import Optional, Sequence
@@ -70,20 +71,22 @@ class MetAug(base.Method):
         batch_stats={**state.batch_stats, "mag": mag_vars.get("batch_stats", {})},
         opt_state={**state.opt_state, "mag": self.mag_tx.init(mag_vars["params"])})
 
-  # ---- the objective L_total (spec 4.2) -----------------------------------------------------
+  # ---- the objective L_total (docs/metaug.md §4.2) -------------------------------------------
   @property
   def num_calls(self) -> int:
     """S0, then S_v with view v augmented for each v, then S_all: V + 2 bank calls."""
     return self.num_views + 2 if self.use_mag else 1
 
   def draw_call_indices(self, key, anchor_index) -> list:
-    """Fresh (B, K+1) indices for each bank call of one objective evaluation (spec A13)."""
+    """Fresh (B, K+1) indices for each bank call of one objective evaluation (docs/metaug.md,
+    decision A13)."""
     return [memory_bank.draw_indices(k, anchor_index, self.facts.global_batch,
                                      self.config.bank.num_negatives, self.facts.bank_size)
             for k in jax.random.split(key, self.num_calls)]
 
   def oucl(self, scores: jax.Array) -> jax.Array:
-    """Mean OUCL over this device's anchors for one call's (B, P, K+1) scores (spec 4.1)."""
+    """Mean OUCL over this device's anchors for one call's (B, P, K+1) scores (docs/metaug.md
+    §4.1)."""
     lc = self.config.loss
     pos, neg = memory_bank.split_scores(scores)
     return jnp.mean(losses.oucl(pos, neg, form=lc.oucl_form, beta=lc.oucl_beta,
@@ -92,7 +95,7 @@ class MetAug(base.Method):
                                   scale=lc.oucl_scale))
 
   def margin_term(self, scores: Sequence[jax.Array]) -> jax.Array:
-    """Margin-injected regulariser R (spec 4.3, A4) from the calls' scores."""
+    """Margin-injected regulariser R (docs/metaug.md §4.3, decision A4) from the calls' scores."""
     mc = self.config.metaug
     dirs = memory_bank.directions(self.num_views)
     single = scores[1:1 + self.num_views]          # S_v: view v augmented
@@ -121,7 +124,7 @@ class MetAug(base.Method):
 
   def objective(self, z: Sequence[jax.Array], a: Optional[Sequence[jax.Array]],
                 banks: jax.Array, indices: Sequence[jax.Array], global_index: jax.Array):
-    """L_total = O(S0) + l_aug [sum_v O(S_v) + O(S_all)] + l_mi R (spec 4.2).
+    """L_total = O(S0) + l_aug [sum_v O(S_v) + O(S_all)] + l_mi R (docs/metaug.md §4.2).
 
     Args:
       z: V original embeddings (B, D); a: V augmented embeddings or None (OUCL only).
@@ -166,7 +169,7 @@ class MetAug(base.Method):
 
   def _encode(self, enc_params, state, views, update_stats: bool):
     """Train-mode encoder forward: (V embeddings, encoder BN stats). With update_stats=False
-    the running-stat updates are discarded (virtual forwards, spec A10)."""
+    the running-stat updates are discarded (virtual forwards, docs/metaug.md, decision A10)."""
     outs, stats = common.apply_encoder(self.encoder, enc_params, state.batch_stats["encoder"],
                                        views, update_stats=update_stats)
     return tuple(common.embeddings(outs)), stats
@@ -207,7 +210,8 @@ class MetAug(base.Method):
     draw = lambda name: self.draw_call_indices(keys[name], batch["index"])
     mag_params = state.params.get("mag")
 
-    # Phase A: encoders, MAGs frozen (spec 5.1). Running BN statistics are committed here.
+    # Phase A: encoders, MAGs frozen (docs/metaug.md §5.1). Running BN statistics are committed
+    # here.
     def loss_a(enc_params, omega):
       z, enc_stats = self._encode(enc_params, state, views, update_stats=True)
       loss, (mag_stats, banks, metrics) = self._head(
@@ -272,7 +276,8 @@ class MetAug(base.Method):
         metrics.update(m3)
 
     if not self.code_exact_banks:
-      # The clean schedule (spec A6): one update per step with the Phase-A embeddings.
+      # The clean schedule (docs/metaug.md, decision A6): one update per step with the Phase-A
+      # embeddings.
       banks = memory_bank.update(state.banks, global_index,
                                  [parallel.gather_rows(f) for f in z], cfg.bank.momentum)
     new_state = state.replace(step=state.step + 1, params=new_params, batch_stats=new_stats,
@@ -280,7 +285,8 @@ class MetAug(base.Method):
     return new_state, parallel.pmean(metrics)
 
   def meta_objective(self, state, views, inner_idx, outer_idx, global_index):
-    """outer(omega_inner, omega_direct) = L_total(theta'(omega_inner), omega_direct) (spec 5.1).
+    """outer(omega_inner, omega_direct) = L_total(theta'(omega_inner), omega_direct)
+    (docs/metaug.md §5.1).
 
     theta'(w) = theta - alpha * grad_theta L_total(theta, w) is the virtual SGD step, kept
     differentiable (no stop-gradient unless metaug.first_order). At (omega, omega) this is the
@@ -329,8 +335,9 @@ class MetAug(base.Method):
     return enc_grads, aux_a, mag_grads, meta_metrics, banks
 
   def paper_meta_gradient(self, state, views, draw, global_index):
-    """Phase B: the MAG gradient through a virtual step from `state`'s encoder (spec 5.1,
-    Algorithm 1). `draw(name)` gives the "inner" and "outer" calls' negatives.
+    """Phase B: the MAG gradient through a virtual step from `state`'s encoder
+    (docs/metaug.md §5.1, Algorithm 1). `draw(name)` gives the "inner" and "outer" calls'
+    negatives.
 
     Returns (MAG gradient, metrics, banks after the outer call).
     """
@@ -412,7 +419,7 @@ class MetAug(base.Method):
     return grads, metrics
 
   def _legacy_mag_grads(self, state, views, draw, global_index):
-    """The authors' earlier MAG step (spec 5.3, step 2'): a virtual step of the MAGs' own
+    """The authors' earlier MAG step (docs/metaug.md §5.3, step 2): a virtual step of the MAGs' own
     parameters, differentiated through; same direct / second-order split as the paper step."""
     mc = self.config.metaug
     theta = state.params["encoder"]
@@ -431,7 +438,7 @@ class MetAug(base.Method):
     return self._combine(direct, second, outer_metrics) + (banks,)
 
   def _legacy_encoder_lookahead(self, state, views, draw, global_index):
-    """Legacy step 3 (spec 5.3): a second encoder step on the look-ahead loss
+    """Legacy step 3 (docs/metaug.md §5.3): a second encoder step on the look-ahead loss
     L_total(theta - alpha grad L_total(theta)), Hessian terms included; MAGs frozen."""
     mc = self.config.metaug
     omega = state.params["mag"]
@@ -449,7 +456,8 @@ class MetAug(base.Method):
     return grads, banks, {"lookahead_grad_norm": common.global_norm(grads)}
 
   def features(self, state_params, state_stats, views):
-    """Encoder features, plus the MAGs' fc2 activations on the embeddings (spec A9 b)."""
+    """Encoder features, plus the MAGs' fc2 activations on the embeddings (docs/metaug.md,
+    decision A9 (b))."""
     feats = super().features(state_params, state_stats, views)
     if self.use_mag and "mag" in state_params:
       d = self.config.model.embedding_dim

@@ -2,7 +2,7 @@
 
 Loss: D(p_1, sg(z_2)) / 2 + D(p_2, sg(z_1)) / 2 with D the negative cosine (Eqs. 1-2), z the
 projection (our encoders' fc head; the paper ends its projector with a BatchNorm) and p the
-bottleneck predictor (Sec. 4.4: 512 hidden for a 2048-wide projection; here a quarter of
+bottleneck predictor (Sec. 3: 512 hidden for a 2048-wide projection; here a quarter of
 `model.embedding_dim` by default). The base method of hierarchical augmentation invariance.
 """
 

@@ -1,7 +1,7 @@
-"""Per-view encoders (spec 3.1) and the multi-view wrapper.
+"""Per-view encoders (docs/metaug.md §3.1) and the multi-view wrapper.
 
 Every encoder maps NHWC images (B, S, S, C) to a dict with the linear probe's two feature
-levels and the contrastive embedding (spec 7, A9):
+levels and the contrastive embedding (docs/metaug.md §7, decision A9):
   conv: (B, F_conv) flattened output of the last conv block,
   fc: (B, F_fc) first fc layer after BN + ReLU,
   projection: (B, embedding_dim) the last Dense layer's output before the L2 normalisation
@@ -72,13 +72,13 @@ def _head(self_: nn.Module, conv_feat: jax.Array, fc_dims: Sequence[int], train:
 
 
 class AlexNetHalf(nn.Module):
-  """CMC's half AlexNet, exactly spec table 3.1 (224x224 input only).
+  """CMC's half AlexNet, exactly the table of docs/metaug.md §3.1 (224x224 input only).
 
   conv1 11x11/4 p2 ->48, conv2 5x5 p2 ->128, conv3/4 3x3 p1 ->192, conv5 3x3 p1 ->128, each
   conv bias-free + BN + ReLU, max pool 3/2 after conv1, conv2 and conv5; fc6 4608->2048,
   fc7 2048->2048 (bias, BN, ReLU), fc8 2048->embedding_dim, L2. ~14.85M parameters for a
   3-channel input. conv = 6x6x128 conv5 map flattened (4608), fc = fc6 after BN + ReLU (2048).
-  `width` scales every channel and fc width (1.0 is the spec network).
+  `width` scales every channel and fc width (1.0 is the paper's network).
   """
   embedding_dim: int = 128
   width: float = 1.0
@@ -92,8 +92,9 @@ class AlexNetHalf(nn.Module):
     _check_images(x)
     if x.shape[1] != 224:
       raise ValueError(
-          f"AlexNetHalf (spec 3.1) needs 224x224 inputs, got {x.shape[1]}x{x.shape[2]}; "
-          "upsample to 224 (spec A8) or use encoder='alexnet_small' for 32/64/96 inputs")
+          f"AlexNetHalf (docs/metaug.md §3.1) needs 224x224 inputs, got "
+          f"{x.shape[1]}x{x.shape[2]}; upsample to 224 (docs/metaug.md, decision A8) or use "
+          "encoder='alexnet_small' for 32/64/96 inputs")
     block = maybe_remat(ConvBNReLU, self.remat)
     w = self.width
     kw = dict(axis_name=self.axis_name, dtype=self.dtype)
@@ -351,7 +352,8 @@ def conv1_weight_grad(encoder: str, choice: str, backend: Optional[str] = None,
 
 
 class MultiViewEncoder(nn.Module):
-  """One encoder per view (CMC/MetAug, spec 3.1, D5) or a single shared one (SimCLR).
+  """One encoder per view (CMC/MetAug, docs/metaug.md §3.1, difference D5) or a single shared
+  one (SimCLR).
 
   Submodules are named view_0, view_1, ... (params['view_0'], ...). With share=True there is
   one encoder, `view_0`, and the views are concatenated along the batch so that BatchNorm

@@ -15,7 +15,7 @@ Dtype = Any
 
 class PredictorMLP(nn.Module):
   """Dense(hidden) -> BN -> ReLU -> Dense(out_dim): BYOL's predictor q (Grill et al. 2020,
-  Sec. 3.3: 4096 hidden) and SimSiam's bottleneck h (Chen & He 2021, Sec. 4.4: 512 hidden)."""
+  Sec. 3.3: 4096 hidden) and SimSiam's bottleneck h (Chen & He 2021, Sec. 3: 512 hidden)."""
   hidden: int
   out_dim: int
   axis_name: Optional[str] = None

@@ -1,7 +1,7 @@
 """Small shared building blocks: NaN-safe L2 normalisation, PyTorch-like initialisers, BN.
 
-Everything here is differentiated twice (MetAug's meta-gradient, spec section 6), so each
-helper is smooth or has a finite gradient at its non-smooth points (jax_notes section 4.5).
+Everything here is differentiated twice (MetAug's meta-gradient, docs/metaug.md §6), so each
+helper is smooth or has a finite gradient at its non-smooth points (docs/implementation.md §4.5).
 """
 
 import functools
@@ -18,7 +18,8 @@ Dtype = Any
 Padding = Union[str, int, Sequence[tuple[int, int]]]
 
 # PyTorch's default Conv/Linear weight init, Kaiming-uniform(a=sqrt(5)), is U(+-1/sqrt(fan_in))
-# (spec A12): variance_scaling(scale, "fan_in", "uniform") draws U(+-sqrt(3 * scale / fan_in)).
+# (docs/metaug.md, decision A12): variance_scaling(scale, "fan_in", "uniform") draws
+# U(+-sqrt(3 * scale / fan_in)).
 torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
@@ -30,15 +31,16 @@ def output_dtype(compute_dtype) -> jnp.dtype:
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   """Divides x by its L2 norm along `axis`; finite value and gradients (any order) at x = 0.
 
-  Computes x * rsqrt(max(|x|^2, eps)) (jax_notes 4.5): at an all-zero row the max selects the
-  constant eps, so the result is 0 and every derivative is finite (not NaN as with x/|x|).
+  Computes x * rsqrt(max(|x|^2, eps)) (docs/implementation.md §4.5): at an all-zero row the
+  max selects the constant eps, so the result is 0 and every derivative is finite (not NaN as
+  with x/|x|).
   """
   sq = jnp.sum(x * x, axis=axis, keepdims=True)
   return x * jax.lax.rsqrt(jnp.maximum(sq, eps))
 
 
 def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
-  """PyTorch's default bias init U(+-1/sqrt(fan_in)) (spec A12); needs the layer's fan_in."""
+  """PyTorch's default bias init U(+-1/sqrt(fan_in)) (decision A12); needs the layer's fan_in."""
   bound = 1.0 / math.sqrt(fan_in)
 
   def init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
@@ -49,7 +51,7 @@ def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
 
 def dense(features: int, in_features: int, *, use_bias: bool = True,
           dtype: Dtype = jnp.float32, name: Optional[str] = None) -> nn.Dense:
-  """An nn.Dense initialised like torch.nn.Linear (spec A12); `in_features` is its fan_in."""
+  """An nn.Dense initialised like torch.nn.Linear (decision A12); `in_features` is its fan_in."""
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                   kernel_init=torch_kernel_init, bias_init=torch_bias_init(in_features),
                   name=name)
@@ -68,7 +70,7 @@ WEIGHT_GRADS = ("xla", "patches")
 def conv(features: int, kernel_size: int, in_features: int, *, strides: int = 1,
          padding: Padding = "SAME", use_bias: bool = False, dtype: Dtype = jnp.float32,
          weight_grad: str = "xla", name: Optional[str] = None) -> nn.Conv:
-  """A square NHWC nn.Conv initialised like torch.nn.Conv2d (spec A12); no bias by default.
+  """A square NHWC nn.Conv initialised like torch.nn.Conv2d (decision A12); no bias by default.
 
   weight_grad="patches" computes the kernel's derivative as chunked patch GEMMs
   (`patch_conv`: faster on CPU for a large-stride input conv); same value, parameters and
@@ -87,7 +89,7 @@ def conv(features: int, kernel_size: int, in_features: int, *, strides: int = 1,
 
 def batch_norm(train: bool, axis_name: Optional[str] = None, dtype: Dtype = jnp.float32,
                name: Optional[str] = None) -> nn.BatchNorm:
-  """BatchNorm with PyTorch defaults (spec A12: momentum 0.1 = Flax 0.9, eps 1e-5).
+  """BatchNorm with PyTorch defaults (decision A12: momentum 0.1 = Flax 0.9, eps 1e-5).
 
   In train mode the batch statistics are averaged over the pmap/shard_map axis `axis_name`
   (SyncBN); in eval mode the running averages are used and no axis is needed.
@@ -158,7 +160,7 @@ class ConvBNReLU(nn.Module):
   """Conv (no bias) -> BN -> ReLU -> optional max pool: one conv block of the encoders.
 
   A module of its own so that encoders can wrap it in `nn.remat` (rematerialisation is useful
-  on sub-blocks, jax_notes 4.6). `pool` is (window, stride) or None.
+  on sub-blocks, docs/implementation.md §4.6). `pool` is (window, stride) or None.
   """
   features: int
   kernel_size: int

@@ -1,4 +1,4 @@
-"""MAG, the meta feature augmentation generator (spec 3.2), one per view."""
+"""MAG, the meta feature augmentation generator (docs/metaug.md §3.2), one per view."""
 
 from typing import Any, Optional, Sequence
 
@@ -14,11 +14,11 @@ Dtype = Any
 
 
 class MAG(nn.Module):
-  """Spec 3.2: fc1 Dense(hidden) BN ReLU, fc2 Dense(hidden) BN ReLU, fc3 Dense(out_dim), L2.
+  """docs/metaug.md §3.2: fc1 Dense(hidden) BN ReLU, fc2 Dense(hidden) BN ReLU, fc3 Dense, L2.
 
   Input: the view's L2-normalised embedding z (B, D). Returns dict(hidden=(B, hidden) the fc2
-  activation after BN + ReLU (the probe's MAG feature, spec A9b), embedding=(B, out_dim) the
-  unit-norm augmented embedding), both float32.
+  activation after BN + ReLU (the probe's MAG feature, decision A9 (b)), embedding=(B, out_dim)
+  the unit-norm augmented embedding), both float32.
   """
   hidden: int = 2048
   out_dim: int = 128
@@ -42,7 +42,7 @@ class MAG(nn.Module):
 
 
 class MultiViewMAG(nn.Module):
-  """One independent MAG per view (spec 3.2), submodules view_0, view_1, ..."""
+  """One independent MAG per view (docs/metaug.md §3.2), submodules view_0, view_1, ..."""
   num_views: int
   hidden: int = 2048
   out_dim: int = 128

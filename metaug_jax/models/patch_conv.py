@@ -1,9 +1,9 @@
 """A convolution whose weight derivative is computed as GEMMs over image patches.
 
 Why: on XLA:CPU the weight gradient of a large-stride input conv is slow. AlexNet-half's
-conv1 (11x11, stride 4, 1-3 input channels at 224x224, spec 3.1) runs its backward-filter
-convolution at 11-18 GFLOP/s, against 43-61 GFLOP/s for its forward and ~195 for a matmul
-(`experiments/results/conv_layers_cpu.md`). Summed over the three views, it is about a
+conv1 (11x11, stride 4, 1-3 input channels at 224x224, docs/metaug.md §3.1) runs its
+backward-filter convolution at 11-18 GFLOP/s, against 43-61 GFLOP/s for its forward and ~195
+for a matmul (`experiments/results/conv_layers_cpu.md`). Summed over the three views, it is about a
 quarter of a plain training step, and MetAug differentiates the encoder three times per step.
 
 How: with blocks of (sh x sw) pixels moved into channels (space-to-depth), a stride-s k x k
