@@ -29,7 +29,7 @@ def all_finite(tree) -> jax.Array:
 def flags(state, metrics: dict) -> dict:
   """{"metrics": {name: finite}, "state": {part: finite}} of one step's outputs."""
   return {"metrics": {k: all_finite(v) for k, v in metrics.items()},
-          "state": {part: all_finite(getattr(state, part)) for part in STATE_PARTS}}
+          "state": {part: all_finite(getattr(state, part, None)) for part in STATE_PARTS}}
 
 
 def wrap(train_step: Callable) -> Callable:
