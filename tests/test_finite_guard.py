@@ -10,6 +10,7 @@ from metaug_jax import finite_guard, parallel, train
 from metaug_jax.methods import common
 
 BAD_AT = 3
+diverged, save_last = train._diverged, train._save_last  # pylint: disable=protected-access
 
 
 def toy_state():
@@ -49,7 +50,7 @@ def test_record_names_the_first_bad_step_on_four_devices(metrics_go_bad, what):
   assert int(state.step) == 6                         # the guard only watches
   bad = finite_guard.first_bad(jax.device_get(record))
   assert bad == (BAD_AT, what)                        # the first bad step, not the last
-  message = str(train._diverged(jax.device_get(record), 2))  # pylint: disable=protected-access
+  message = str(diverged(jax.device_get(record), 2))
   assert message.startswith(f"training diverged at step {BAD_AT}: {what[0]}")
   assert "resume from the checkpoint at step 2 with a lower --config.optim.lr" in message
   assert "\n" not in message
@@ -79,6 +80,33 @@ def test_all_finite_checks_floating_leaves_only():
 def test_without_a_checkpoint_the_message_says_so():
   record = {"step": np.int32(1), "bad": {"metrics": {"update_norm": True, "loss": False},
                                          "state": {"params": False}}}
-  message = str(train._diverged(record, None))  # pylint: disable=protected-access
+  message = str(diverged(record, None))
   assert message.startswith("training diverged at step 1: the metric 'update_norm' became")
   assert "the run has no finite checkpoint" in message
+
+
+class SaveRecorder:
+  """Stands for a Checkpointer: records the steps saved."""
+
+  def __init__(self):
+    self.saved = []
+
+  def all_steps(self):
+    return list(self.saved)
+
+  def save(self, step, state, config):
+    del state, config
+    self.saved.append(step)
+
+
+def test_the_loops_last_save_skips_a_non_finite_state():
+  """The save in the loop's finally-block (Ctrl-C, SIGTERM, the end) checks the state itself,
+  not only the record: a NaN state is never written."""
+  ckpt = SaveRecorder()
+  nan_state = toy_state().replace(step=jnp.int32(5), params={"w": jnp.array([jnp.nan, 0, 0])})
+  assert save_last(ckpt, nan_state, None, None, 2) is None
+  assert ckpt.saved == []
+  state = toy_state().replace(step=jnp.int32(5))
+  assert save_last(ckpt, state, None, None, 2) == 5
+  assert save_last(ckpt, state, None, None, 5) is None       # not newer than the newest
+  assert ckpt.saved == [5]
