@@ -177,20 +177,21 @@ class Checkpointer:
              if (m := _UNFINISHED.match(name))]
     return sorted(found, reverse=True)
 
-  def set_aside(self, steps) -> str:
+  def set_aside(self, steps) -> list:
     """Moves the directories of damaged `steps` to workdir/damaged_checkpoints/, out of orbax's
-    sight, so that a resumed run can write those steps again; returns that folder."""
+    sight, so that a resumed run can write those steps again; returns where they went."""
     root = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+    sources = [os.path.join(self.directory, str(step)) for step in steps]
+    moves = [(src, _free_path(os.path.join(root, os.path.basename(src))))
+             for src in sources if os.path.isdir(src)]
     if jax.process_index() == 0:
-      for step in steps:
-        source = os.path.join(self.directory, str(step))
-        if os.path.isdir(source):
-          os.makedirs(root, exist_ok=True)
-          shutil.move(source, _free_path(os.path.join(root, str(step))))
+      for source, dest in moves:
+        os.makedirs(root, exist_ok=True)
+        shutil.move(source, dest)
     if jax.process_count() > 1:
       ocp.multihost.sync_global_processes("metaug_set_aside")
     self.manager.reload()
-    return root
+    return [dest for _, dest in moves]
 
   def _reason(self, error: BaseException) -> str:
     return short_reason(error, strip=self.directory + os.sep)

@@ -197,8 +197,8 @@ def _restore_or_init(exp: Experiment, ckpt: ckpt_lib.Checkpointer, workdir: str)
                                              f"{ckpt.directory}, starts over")
   if found.skipped:
     moved = ckpt.set_aside([s for s, _ in found.skipped])
-    print(ckpt_lib.skipped_warning(found.skipped, f"resuming from step {found.step}"
-                                   + (f" (set aside in {moved})" if moved else "")),
+    aside = f" (moved to {os.path.dirname(moved[0])})" if moved else ""
+    print(ckpt_lib.skipped_warning(found.skipped, f"resuming from step {found.step}{aside}"),
           file=sys.stderr, flush=True)
   logging.info("resumed from step %d in %s", found.step, ckpt.directory)
   print(f"resuming from the checkpoint at step {found.step}", flush=True)

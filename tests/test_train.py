@@ -275,7 +275,8 @@ def test_resume_skips_a_truncated_checkpoint_with_one_warning_and_redoes_its_ste
   out, err = capsys.readouterr()
   [warning] = stderr_warnings(err)
   assert "skipping the checkpoint at step 6 (truncated or unreadable state: " in warning
-  assert "resuming from step 4" in warning and "Traceback" not in err
+  assert "resuming from step 4 (moved to " in warning and ckpt_lib.DAMAGED_DIR in warning
+  assert "Traceback" not in err
   assert "resuming from the checkpoint at step 4" in out
   assert os.path.isdir(os.path.join(copy, ckpt_lib.DAMAGED_DIR, "6"))   # set aside, not lost
   redone = restore(exp, copy, 6)                                        # written again
