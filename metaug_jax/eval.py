@@ -28,7 +28,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", config_base.__file__, "Optional config file; default: the one saved with the "
     "checkpoint, with any --config.FIELD=value overrides on top.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir holding checkpoints/.")
-_STEP = flags.DEFINE_integer("step", 0, "Checkpoint step to evaluate (0: newest).")
+_STEP = flags.DEFINE_integer("step", 0, "Checkpoint step to evaluate (0: the newest intact one).")
 
 KNN_FEATURES = "embedding"
 

@@ -50,6 +50,10 @@ def fake_unfinished_save(workdir, step: int, like: int) -> str:
   return path
 
 
+def delete_step(workdir, step: int) -> None:
+  shutil.rmtree(step_dir(workdir, step))
+
+
 def copy_workdir(source, dest) -> str:
   shutil.copytree(str(source), str(dest))
   return str(dest)

@@ -298,6 +298,21 @@ def test_resume_over_only_damaged_checkpoints_is_an_error_not_a_fresh_start(trai
   assert isinstance(err.value, cli.USER_ERRORS)
 
 
+def test_a_workdir_with_only_an_unfinished_save_starts_from_step_0_with_a_warning(
+    trained, tmp_path, capsys):
+  exp, workdir, _ = trained
+  copy = ckpt_damage.copy_workdir(workdir, tmp_path / "w")
+  ckpt_damage.fake_unfinished_save(copy, 8, like=6)
+  for step in (2, 4, 6):
+    ckpt_damage.delete_step(copy, step)
+  ckpt = ckpt_lib.Checkpointer(copy)
+  state, newest = train._restore_or_init(exp, ckpt, copy)  # pylint: disable=protected-access
+  ckpt.close()
+  assert int(state.step) == 0 and newest is None
+  [warning] = stderr_warnings(capsys.readouterr().err)
+  assert "step 8 (a save that never finished" in warning and "starting from step 0" in warning
+
+
 def test_loop_prints_one_plain_line_per_logging_step_off_a_terminal(trained):
   _, _, out = trained
   lines = [l for l in out.splitlines() if l.startswith("step ")]

@@ -148,9 +148,9 @@ def evaluate(method, params, batch_stats, dataset, config, seed: Optional[int] =
         f"or pass --config.eval.probe_after_training=False to only pre-train.")
   ec = config.eval
   if features is None:
-    features = [extract_features(method, params, batch_stats, images, config.data,
-                                 ec.batch_size) for images in (dataset.train_images,
-                                                               dataset.test_images)]
+    extract = functools.partial(extract_features, method, params, batch_stats,
+                                data_config=config.data, batch_size=ec.batch_size)
+    features = (extract(dataset.train_images), extract(dataset.test_images))
   train, test = ({k: v for k, v in f.items() if k in LEVELS} for f in features)
   if ec.get("probe_augment", False):
     return probe_augmented(method, params, batch_stats, dataset, config,
