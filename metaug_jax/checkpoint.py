@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from typing import Any, Callable, Optional
 
 import jax
@@ -159,6 +160,7 @@ class Checkpointer:
       try:
         state = self.restore_state(target, s)
       except Exception as e:  # pylint: disable=broad-except
+        _quiet_orphaned_reads()
         skipped.append((s, f"truncated or unreadable state: {self._reason(e)}"))
         continue
       return Restored(s, config, state, tuple(skipped))
@@ -219,6 +221,35 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _quiet_orphaned_reads() -> None:
+  """Silences the leftovers of a failed state restore, from then on.
+
+  Orbax runs a restore in a fresh asyncio loop and closes it as soon as one array read fails.
+  The step's other reads are abandoned: their coroutines raise the same read error when
+  garbage-collected, and tensorstore's callbacks report into the closed loop ("Event loop is
+  closed"); each prints a page through sys.unraisablehook, after the one-line warning or
+  error, at some later collection or at exit. They say nothing new, so this hook drops
+  exactly those and hands every other unraisable error to the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "quiets_orphaned_reads", False):
+    return
+
+  def hook(unraisable):
+    if not _is_orphaned_read(unraisable):
+      previous(unraisable)
+
+  hook.quiets_orphaned_reads = True
+  sys.unraisablehook = hook
+
+
+def _is_orphaned_read(unraisable) -> bool:
+  """An abandoned orbax coroutine, or a callback into an asyncio loop already closed."""
+  error, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+  closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+  return closed_loop or (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename)
 
 
 def _free_path(path: str) -> str:

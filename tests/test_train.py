@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import ckpt_damage  # tests/ckpt_damage.py
 import jax
@@ -264,6 +265,24 @@ def test_restore_intact_skips_a_damaged_newest_checkpoint(trained, tmp_path, dam
   assert "\n" not in reason and len(reason) < 250
   assert_trees_close(jax.device_get(found.state.params), restore(exp, workdir, newest).params,
                      atol=0)
+
+
+def test_leftovers_of_a_failed_restore_are_quiet_and_other_errors_are_not(monkeypatch):
+  """After a failed restore, orbax's abandoned reads print pages through sys.unraisablehook
+  (300-2700 lines seen after the one-line error of a damaged --step): they are dropped; the
+  rest still reaches the previous hook."""
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  ckpt_lib._quiet_orphaned_reads()  # pylint: disable=protected-access
+  ckpt_lib._quiet_orphaned_reads()  # pylint: disable=protected-access  (installs once)
+  coroutine = lambda path: types.SimpleNamespace(cr_code=types.SimpleNamespace(co_filename=path))
+  orbax_read = coroutine(os.path.join("site-packages", "orbax", "checkpoint", "_src", "x.py"))
+  for error, obj in [(RuntimeError("Event loop is closed"), None),
+                     (Exception("read failed"), orbax_read),
+                     (ValueError("a real problem"), None),
+                     (Exception("elsewhere"), coroutine(os.path.join("mine", "x.py")))]:
+    sys.unraisablehook(types.SimpleNamespace(exc_value=error, object=obj))
+  assert [str(u.exc_value) for u in seen] == ["a real problem", "elsewhere"]
 
 
 def test_resume_skips_a_truncated_checkpoint_with_one_warning_and_redoes_its_steps(
