@@ -3,11 +3,19 @@
 A checkpoint holds the train state and the config it was trained with (JSON), so that
 `metaug_jax.eval` can rebuild the model from the workdir alone and a resumed run can refuse a
 config whose shapes do not match.
+
+Checkpoints are read defensively: `Checkpointer.restore_intact` walks the steps newest first
+and passes over damaged ones (a truncated data file, a missing metadata file, a save that never
+finished), so a run killed mid-write or a half-copied workdir costs some steps, not the run.
 """
 
+import dataclasses
 import json
 import os
-from typing import Optional
+import re
+import shutil
+import sys
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -19,8 +27,47 @@ SHAPE_FIELDS = ("method", "dataset", "data.views", "data.num_views", "data.input
                 "model.mag_hidden")
 
 
+# orbax writes a step into "<step>.orbax-checkpoint-tmp[-<timestamp>]" and renames it when done.
+_UNFINISHED = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+DAMAGED_DIR = "damaged_checkpoints"  # workdir/damaged_checkpoints/<step>: set aside on resume
+_REASON_CHARS = 160
+
+
 class CheckpointMismatchError(ValueError):
   """The config passed does not fit the checkpoint found in the workdir."""
+
+
+class DamagedCheckpointError(ValueError):
+  """The checkpoint asked for, or every checkpoint in the workdir, cannot be read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """What `Checkpointer.restore_intact` found: the step, its saved config and state (None when
+  no target was given), and the newer checkpoints it passed over as ((step, why), ...)."""
+  step: int
+  config: dict
+  state: Any
+  skipped: tuple
+
+
+def short_reason(error: BaseException, strip: str = "") -> str:
+  """The innermost cause's first line, without `strip`, cut short: orbax's and tensorstore's
+  messages run to pages (a TensorStore spec), the cause says what is wrong."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  text = text.replace(strip, "") if strip else text
+  return text if len(text) <= _REASON_CHARS else text[:_REASON_CHARS - 3] + "..."
+
+
+def skipped_warning(skipped, then: str) -> str:
+  """One line: 'warning: skipping the checkpoint at step 6 (why); <then>'."""
+  if len(skipped) == 1:
+    step, why = skipped[0]
+    return f"warning: skipping the checkpoint at step {step} ({why}); {then}"
+  steps = ", ".join(f"{step} ({why})" for step, why in skipped)
+  return f"warning: skipping the checkpoints at steps {steps}; {then}"
 
 
 def _get(d, dotted):
@@ -53,7 +100,10 @@ class Checkpointer:
     if not create and not os.path.isdir(self.directory):
       raise FileNotFoundError(f"no checkpoints in {workdir} (expected {self.directory}); train "
                               f"first with python -m metaug_jax.main --workdir={workdir}")
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+    # Saves run in the background (orbax's default, kept explicit): save() returns once the
+    # arrays are copied off the devices, so the next step may donate them; close() waits.
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                           enable_async_checkpointing=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "config"))
 
@@ -83,6 +133,77 @@ class Checkpointer:
         state=ocp.args.StandardRestore(target)))
     return out["state"]
 
+  def restore_intact(self, target_fn: Callable[[dict], Any], step: Optional[int] = None,
+                     advice: str = "") -> Restored:
+    """The newest checkpoint that reads back (or exactly `step`), skipping damaged ones.
+
+    Newest first, for each step: restores the saved config, asks `target_fn(config)` for the
+    abstract state to restore onto (None: the config alone is wanted), then restores the
+    state. A failure to read (orbax, tensorstore, IO or JSON errors) marks the step damaged
+    and the walk goes on; errors raised by `target_fn` itself (a config mismatch) propagate.
+    Saves that never finished (orbax's temporary directories) newer than the step found are
+    reported as skipped too. Raises DamagedCheckpointError, ending with `advice`, when
+    `step`, or every checkpoint, is damaged; FileNotFoundError when there is none.
+    """
+    steps = [self._resolve(step)] if step else sorted(self._resolve_all(), reverse=True)
+    skipped = [] if step else [(s, f"a save that never finished: {name}")
+                               for s, name in self.unfinished() if s > steps[0]]
+    for s in steps:
+      try:
+        config = self.restore_config(s)
+      except Exception as e:  # pylint: disable=broad-except  (tensorstore raises Exception)
+        skipped.append((s, f"missing or unreadable config: {self._reason(e)}"))
+        continue
+      target = target_fn(config)
+      if target is None:
+        return Restored(s, config, None, tuple(skipped))
+      try:
+        state = self.restore_state(target, s)
+      except Exception as e:  # pylint: disable=broad-except
+        _quiet_orphaned_reads()
+        skipped.append((s, f"truncated or unreadable state: {self._reason(e)}"))
+        continue
+      return Restored(s, config, state, tuple(skipped))
+    if step:
+      problem = f"the checkpoint at step {step} in {self.directory} is damaged ({skipped[-1][1]})"
+    else:
+      reasons = "; ".join(f"step {s}: {why}" for s, why in skipped)
+      problem = f"every checkpoint in {self.directory} is damaged ({reasons})"
+    raise DamagedCheckpointError(f"{problem}; {advice}" if advice else problem)
+
+  def unfinished(self) -> list:
+    """[(step, directory name)] of saves that never finished, newest first."""
+    if not os.path.isdir(self.directory):
+      return []
+    found = [(int(m.group(1)), name) for name in os.listdir(self.directory)
+             if (m := _UNFINISHED.match(name))]
+    return sorted(found, reverse=True)
+
+  def set_aside(self, steps) -> list:
+    """Moves the directories of damaged `steps` to workdir/damaged_checkpoints/, out of orbax's
+    sight, so that a resumed run can write those steps again; returns where they went."""
+    root = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+    sources = [os.path.join(self.directory, str(step)) for step in steps]
+    moves = [(src, _free_path(os.path.join(root, os.path.basename(src))))
+             for src in sources if os.path.isdir(src)]
+    if jax.process_index() == 0:
+      for source, dest in moves:
+        os.makedirs(root, exist_ok=True)
+        shutil.move(source, dest)
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes("metaug_set_aside")
+    self.manager.reload()
+    return [dest for _, dest in moves]
+
+  def _reason(self, error: BaseException) -> str:
+    return short_reason(error, strip=self.directory + os.sep)
+
+  def _resolve_all(self) -> list:
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    return steps
+
   def _resolve(self, step: Optional[int]) -> int:
     steps = self.all_steps()
     if not steps:
@@ -100,3 +221,41 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _quiet_orphaned_reads() -> None:
+  """Silences the leftovers of a failed state restore, from then on.
+
+  Orbax runs a restore in a fresh asyncio loop and closes it as soon as one array read fails.
+  The step's other reads are abandoned: their coroutines raise the same read error when
+  garbage-collected, and tensorstore's callbacks report into the closed loop ("Event loop is
+  closed"); each prints a page through sys.unraisablehook, after the one-line warning or
+  error, at some later collection or at exit. They say nothing new, so this hook drops
+  exactly those and hands every other unraisable error to the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "quiets_orphaned_reads", False):
+    return
+
+  def hook(unraisable):
+    if not _is_orphaned_read(unraisable):
+      previous(unraisable)
+
+  hook.quiets_orphaned_reads = True
+  sys.unraisablehook = hook
+
+
+def _is_orphaned_read(unraisable) -> bool:
+  """An abandoned orbax coroutine, or a callback into an asyncio loop already closed."""
+  error, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+  closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+  return closed_loop or (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename)
+
+
+def _free_path(path: str) -> str:
+  """`path`, or `path.1`, `path.2`, ... : the first that does not exist yet."""
+  candidate, n = path, 0
+  while os.path.exists(candidate):
+    n += 1
+    candidate = f"{path}.{n}"
+  return candidate

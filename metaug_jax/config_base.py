@@ -181,6 +181,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  """The base config as a config file (`--config=metaug_jax/config_base.py`): the default of
+  restore-for-eval's --config, so that its --config.FIELD overrides parse without a file."""
+  del arg
+  return get_base_config()
+
+
 def paper_config(dataset: str, arg: str = ""):
   """The settings of the authors' code for any of the paper's datasets (docs/metaug.md §5.4,
   §7)."""

@@ -1,10 +1,13 @@
-"""Restore for eval: python -m metaug_jax.eval --workdir=DIR [--config=... overrides].
+"""Restore for eval: python -m metaug_jax.eval --workdir=DIR [--config=FILE] [overrides].
 
-Rebuilds the model from the config saved with the checkpoint (or from --config, which must
-match it in every shape-relevant field), restores the newest (or --step / --config.eval.step)
-checkpoint without touching the training state, and evaluates the frozen encoder (BatchNorm
-in eval mode) two ways on features extracted once:
-  * the linear probe (docs/metaug.md §7) on the conv / fc (/ mag_hidden) features;
+Rebuilds the model from the config saved with the checkpoint, with any --config.FIELD=value
+overrides on top (or from --config=FILE, which must match it in every shape-relevant field),
+restores the newest intact (or --step / --config.eval.step) checkpoint without touching the
+training state, and evaluates the frozen encoder (BatchNorm in eval mode) two ways on
+features extracted once:
+  * the linear probe (docs/metaug.md §7) on the conv / fc (/ mag_hidden) features, by the
+    protocol the config names (eval.probe_augment: fresh crop/flip training views per epoch),
+    the same code as training's final probe;
   * the weighted kNN classifier (Wu et al. 2018; k = eval.knn_k, T = eval.knn_temperature) on
     the contrastive `embedding`, the training-free number InstDisc / MoCo / CMC report.
 Both are printed as one markdown table and saved to DIR/eval_step_<step>.json.
@@ -12,53 +15,58 @@ Both are printed as one markdown table and saved to DIR/eval_step_<step>.json.
 
 import json
 import os
-
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from metaug_jax import cli
+from metaug_jax import cli, config_base
 
+# The base config is only the default so that --config.FIELD overrides parse without a file;
+# without --config=FILE they apply on top of the config saved with the checkpoint.
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Optional config; default: the one saved with the checkpoint.",
-    lock_config=True)
+    "config", config_base.__file__, "Optional config file; default: the one saved with the "
+    "checkpoint, with any --config.FIELD=value overrides on top.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir holding checkpoints/.")
-_STEP = flags.DEFINE_integer("step", 0, "Checkpoint step to evaluate (0: newest).")
+_STEP = flags.DEFINE_integer("step", 0, "Checkpoint step to evaluate (0: the newest intact one).")
 
 KNN_FEATURES = "embedding"
 
 
-def _one_line_mismatch(error: Exception, workdir: str) -> str:
+def _one_line_mismatch(error: Exception, workdir: str, fix: str) -> str:
   """check_compatible's multi-line message as one line, with the eval-specific fix."""
   lines = [l.strip() for l in str(error).splitlines()]
   diffs = [l for l in lines if l.startswith("config.")] or lines
   return (f"the checkpoint in {workdir} was trained with a different config ("
-          f"{'; '.join(diffs)}); pass matching values, or leave out --config to use the "
-          f"config saved with the checkpoint")
+          f"{'; '.join(diffs)}); {fix}")
 
 
-def extract_all_features(method, params, batch_stats, images, data_config, batch_size):
-  """{level: (N, F) float32 numpy} of every level `method.features` returns (conv, fc,
-  embedding and mag_hidden where present), in one jitted pass with params as arguments."""
-  import jax
-  import jax.numpy as jnp
+def eval_config(saved: dict, workdir: str, config=None, overrides=None):
+  """The config to evaluate a checkpoint with: `config` if given (its shape-relevant fields
+  must match `saved`), else `saved` with `overrides` ({dotted field: value}) on top, which
+  must leave those fields alone. A contradiction is a one-line CheckpointMismatchError."""
+  from metaug_jax import checkpoint as ckpt_lib
 
-  from metaug_jax.data import views as views_lib
-  from metaug_jax.evaluation import monitor
-
-  @jax.jit
-  def features(p, s, batch):
-    out = method.features(p, s, views_lib.make_eval_views(batch, data_config))
-    return {k: v.astype(jnp.float32) for k, v in out.items()}
-
-  return monitor.batched(lambda b: features(params, batch_stats, b), batch_size, images)
+  if config is None:
+    fix = "the checkpoint fixes these fields, so drop those --config overrides"
+    config = config_base.get_base_config()
+    config.update_from_flattened_dict(_flatten(saved))
+    config.update_from_flattened_dict(dict(overrides or {}))
+  else:
+    fix = ("pass matching values, or leave out --config to use the config saved with the "
+           "checkpoint")
+  try:
+    ckpt_lib.check_compatible(saved, config, workdir)
+  except ckpt_lib.CheckpointMismatchError as e:
+    raise ckpt_lib.CheckpointMismatchError(_one_line_mismatch(e, workdir, fix)) from None
+  return config
 
 
 def probe_and_knn(exp, state) -> dict:
   """Linear probe of every probe level and kNN on the embedding of `state`'s frozen encoder.
 
-  Returns {level: probe results (linear_probe.probe), ..., "knn": {features, dim, k,
+  The probe is linear_probe.evaluate, training's probe, on eval-view features extracted once
+  and shared with the kNN. Returns {level: probe results, ..., "knn": {features, dim, k,
   temperature, test_acc}}; accuracies in percent.
   """
   import jax
@@ -72,17 +80,11 @@ def probe_and_knn(exp, state) -> dict:
         f"linear probe nor the kNN evaluation can run.")
   params, stats = jax.device_get((state.params, state.batch_stats))
   ec = config.eval
-  train_f = extract_all_features(exp.method, params, stats, data.train_images, config.data,
-                                 ec.batch_size)
-  test_f = extract_all_features(exp.method, params, stats, data.test_images, config.data,
-                                ec.batch_size)
-  results = {}
-  for level in linear_probe.LEVELS:
-    if level in train_f:
-      results[level] = linear_probe.probe(
-          train_f[level], data.train_labels, test_f[level], data.test_labels,
-          data.num_classes, epochs=ec.probe_epochs, lr=ec.probe_lr,
-          batch_size=ec.probe_batch_size, weight_decay=ec.probe_weight_decay, seed=config.seed)
+  train_f, test_f = (linear_probe.extract_features(exp.method, params, stats, images,
+                                                   config.data, ec.batch_size, levels=None)
+                     for images in (data.train_images, data.test_images))
+  results = linear_probe.evaluate(exp.method, params, stats, data, config,
+                                  features=(train_f, test_f))
   results["knn"] = {
       "features": KNN_FEATURES, "dim": int(train_f[KNN_FEATURES].shape[1]),
       "k": int(ec.knn_k), "temperature": float(ec.knn_temperature),
@@ -107,44 +109,63 @@ def format_table(results: dict, title: str) -> str:
   return "\n".join(lines)
 
 
-def evaluate_workdir(workdir: str, config=None, step: int = 0) -> dict:
+def evaluate_workdir(workdir: str, config=None, step: int = 0, overrides=None) -> dict:
   """Restores a checkpoint of `workdir`, prints the probe + kNN table, returns the results.
 
   Args:
     workdir: a training workdir holding checkpoints/.
     config: None to use the config saved with the checkpoint; else a config whose
       shape-relevant fields must match it (CheckpointMismatchError, one line, otherwise).
-    step: checkpoint step (0: config.eval.step, or the newest).
+    step: checkpoint step (0: eval.step, or the newest intact one, skipping damaged ones
+      with a warning); a damaged `step` is a DamagedCheckpointError.
+    overrides: {dotted field: value} put on top of the saved config when `config` is None
+      (the CLI's --config.FIELD=value without --config).
 
   Returns:
     probe_and_knn's dict; also written to workdir/eval_step_<step>.json (or
     probe_random_init.json with config.eval.random_init).
   """
   from metaug_jax import checkpoint as ckpt_lib
-  from metaug_jax import config_base, train
+  from metaug_jax import train
+
+  overrides = dict(overrides or {})
+  step = (step or overrides.get("eval.step") or (config.eval.step if config is not None else 0)
+          or None)
+  experiments = {}
+
+  def experiment(saved: dict):
+    """The experiment for a checkpoint's saved config, built once per distinct config."""
+    key = json.dumps(saved, sort_keys=True)
+    if key not in experiments:
+      # Orbax has started JAX's backend: too late for (and no need of) training's XLA flags.
+      experiments[key] = train.build_experiment(eval_config(saved, workdir, config, overrides),
+                                                apply_xla_settings=False)
+    return experiments[key]
+
+  def target(saved: dict):
+    exp = experiment(saved)
+    return None if exp.config.eval.random_init else exp.abstract_state()
 
   ckpt = ckpt_lib.Checkpointer(workdir, create=False)
   try:
-    step = step or (config.eval.step if config is not None else 0) or None
-    saved = ckpt.restore_config(step)
-    if config is None:
-      config = config_base.get_base_config()
-      config.update_from_flattened_dict(_flatten(saved))
-    else:
-      try:
-        ckpt_lib.check_compatible(saved, config, workdir)
-      except ckpt_lib.CheckpointMismatchError as e:
-        raise ckpt_lib.CheckpointMismatchError(_one_line_mismatch(e, workdir)) from None
-    # Orbax has started JAX's backend: too late for (and no need of) training's XLA flags.
-    exp = train.build_experiment(config, apply_xla_settings=False)
-    if config.eval.random_init:
-      state = exp.init_state()
-      title = "linear probe and kNN, randomly initialised encoder"
-    else:
-      state = ckpt.restore_state(exp.abstract_state(), step)
-      title = "linear probe and kNN"
+    found = ckpt.restore_intact(target, step, advice=(
+        "leave out --step to evaluate the newest intact checkpoint" if step else
+        "nothing to evaluate: train again with python -m metaug_jax.main"))
   finally:
     ckpt.close()
+  if found.skipped:
+    print(ckpt_lib.skipped_warning(found.skipped, f"evaluating step {found.step}"),
+          file=sys.stderr, flush=True)
+  exp = experiment(found.config)
+  config = exp.config
+  if config.eval.random_init:
+    state = exp.init_state()
+    title = "linear probe and kNN, randomly initialised encoder"
+  else:
+    state = found.state
+    title = "linear probe and kNN"
+  if config.eval.probe_augment:
+    title = title.replace("linear probe", "linear probe (augmented training views)")
   results = probe_and_knn(exp, state)
   print(format_table(results, f"{title} ({config.dataset}, {config.method}, "
                               f"step {int(state.step)})"), flush=True)
@@ -171,9 +192,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
   with cli.user_errors_as_messages():
-    evaluate_workdir(_WORKDIR.value, _CONFIG.value, _STEP.value)
+    if flags.FLAGS["config"].present:  # a config file: it must match the checkpoint
+      evaluate_workdir(_WORKDIR.value, _CONFIG.value, _STEP.value)
+    else:                              # the saved config, with the overrides on top
+      evaluate_workdir(_WORKDIR.value, None, _STEP.value,
+                       overrides=config_flags.get_override_values(flags.FLAGS["config"]))
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir"])
-  app.run(main, argv=cli.resolve_config_argument(sys.argv))
+  app.run(main, argv=cli.resolve_config_argument(sys.argv), flags_parser=cli.parse_flags)

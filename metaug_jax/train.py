@@ -1,17 +1,21 @@
 """train_and_evaluate(config, workdir): the loop used by the CLI, the tests and the notebook.
 
-Order of work: validate config -> load data -> build method -> init or resume state ->
-pmapped steps with progress, JSON-lines metrics and periodic checkpoints -> final checkpoint
--> linear probe on the frozen encoder.
+Order of work: validate config -> load data -> build method -> init or resume state (from
+the newest intact checkpoint) -> pmapped, finite-guarded steps with progress, JSON-lines
+metrics and periodic checkpoints -> final checkpoint -> linear probe on the frozen encoder.
+
+Long runs stop safely: Ctrl-C and SIGTERM save the last finished step (Interrupted); a NaN
+or inf anywhere in a step's metrics or updated state stops the run before it is checkpointed
+(NonFiniteLossError).
 """
 
+import contextlib
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
-import time
+import threading
 from typing import Optional
 
 import flax.jax_utils
@@ -20,7 +24,9 @@ import ml_collections
 from absl import logging
 
 from metaug_jax import checkpoint as ckpt_lib
-from metaug_jax import config_check, host_memory, methods, parallel, xla_runtime
+from metaug_jax import config_check, finite_guard, host_memory, methods, parallel
+from metaug_jax import progress as progress_lib
+from metaug_jax import xla_runtime
 from metaug_jax.data import loader as loader_lib
 from metaug_jax.data import sources
 from metaug_jax.data import views as views_lib
@@ -30,7 +36,58 @@ from metaug_jax.evaluation import plots
 
 
 class NonFiniteLossError(FloatingPointError):
-  """Training produced a NaN/inf; the last good checkpoint is kept."""
+  """Training produced a NaN/inf: the run stops, and no checkpoint of that state is written."""
+
+
+class Terminated(KeyboardInterrupt):
+  """SIGTERM (a preempted VM, Slurm, Colab) as an exception the loop handles like Ctrl-C."""
+  exit_status = 128 + signal.SIGTERM
+
+
+class Interrupted(KeyboardInterrupt):
+  """The loop stopped on Ctrl-C or SIGTERM after saving its last finished step.
+
+  The message says what was saved; `exit_status` is 128 + the signal number, as a shell
+  reports a process killed by it (130 for Ctrl-C, 143 for SIGTERM).
+  """
+
+  def __init__(self, message: str, exit_status: int):
+    super().__init__(message)
+    self.exit_status = exit_status
+
+
+class _SigtermFlag:
+  """A SIGTERM handler that asks the loop to stop: `check()` (between steps) raises Terminated
+  once a signal came, so a state is never lost half-way through a step; a second SIGTERM
+  raises at once, for a loop stuck elsewhere."""
+
+  def __init__(self):
+    self.received = 0
+
+  def __call__(self, signum, frame):
+    del signum, frame
+    self.received += 1
+    if self.received > 1:
+      raise Terminated()
+
+  def check(self) -> None:
+    if self.received:
+      raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_stops_the_loop():
+  """Installs a _SigtermFlag for SIGTERM and restores the previous handler after (signal
+  handlers exist in the main thread only; elsewhere the flag is never set)."""
+  flag = _SigtermFlag()
+  if threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+  previous = signal.signal(signal.SIGTERM, flag)
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 @dataclasses.dataclass
@@ -62,8 +119,9 @@ def build_experiment(config: ml_collections.ConfigDict,
   """Validates the config and builds data, method and loader (nothing is written).
 
   With `apply_xla_settings` it first applies the config's process-level XLA settings
-  (`xla_runtime.apply_config`); restore-for-eval turns that off, because reading the
-  checkpoint starts JAX's backend first and those settings only concern training.
+  (`xla_runtime.apply_config`) and warns about a learning-rate schedule the run will not
+  reach; restore-for-eval turns that off, because reading the checkpoint starts JAX's backend
+  first and both only concern training.
   """
   if apply_xla_settings:
     xla_runtime.apply_config(config)
@@ -81,7 +139,7 @@ def build_experiment(config: ml_collections.ConfigDict,
                                   process_count=jax.process_count())
   total = config.num_train_steps or config.num_epochs * loader.steps_per_epoch
   warning = config_check.decay_warning(config, int(total), loader.steps_per_epoch)
-  if warning and jax.process_index() == 0:
+  if warning and apply_xla_settings and jax.process_index() == 0:
     print(warning, file=sys.stderr, flush=True)
   facts = methods.DataFacts(
       view_channels=tuple(views_lib.view_channels(config.data, dataset.pretrain_images.shape[-1])),
@@ -121,31 +179,102 @@ class MetricWriter:
       self.tensorboard.close()
 
 
-def _progress(total: int, initial: int, enabled: bool):
-  if not enabled:
+def _restore_or_init(exp: Experiment, ckpt: ckpt_lib.Checkpointer, workdir: str):
+  """(state, step) of the newest intact checkpoint, or (a fresh state, None) without one.
+
+  Damaged newer checkpoints are skipped with one warning line and moved aside (so the run
+  writes those steps again); a workdir whose checkpoints are all damaged is an error, never
+  a silent fresh start.
+  """
+  config = exp.config
+  if not ckpt.all_steps():
+    if ckpt.unfinished():
+      print(ckpt_lib.skipped_warning([(s, f"a save that never finished: {name}")
+                                      for s, name in ckpt.unfinished()],
+                                     "starting from step 0"), file=sys.stderr, flush=True)
+    return exp.init_state(), None
+
+  def target(saved: dict):
+    ckpt_lib.check_compatible(saved, config, workdir)
+    return exp.abstract_state()
+
+  found = ckpt.restore_intact(target, advice=f"a fresh --workdir, or deleting "
+                                             f"{ckpt.directory}, starts over")
+  if found.skipped:
+    moved = ckpt.set_aside([s for s, _ in found.skipped])
+    aside = f" (moved to {os.path.dirname(moved[0])})" if moved else ""
+    print(ckpt_lib.skipped_warning(found.skipped, f"resuming from step {found.step}{aside}"),
+          file=sys.stderr, flush=True)
+  logging.info("resumed from step %d in %s", found.step, ckpt.directory)
+  print(f"resuming from the checkpoint at step {found.step}", flush=True)
+  return found.state, found.step
+
+
+def _diverged(record, newest: Optional[int]) -> Optional[NonFiniteLossError]:
+  """The error to stop with if a fetched finite_guard record saw a NaN/inf, else None."""
+  bad = finite_guard.first_bad(record)
+  if bad is None:
     return None
-  try:
-    from tqdm import tqdm
-  except ImportError:
+  then = (f"resume from the checkpoint at step {newest} with a lower --config.optim.lr"
+          if newest is not None else
+          "the run has no finite checkpoint: start again with a lower --config.optim.lr")
+  return NonFiniteLossError(f"training diverged at step {bad[0]}: {finite_guard.describe(bad)}; "
+                            f"nothing from that step on was checkpointed; {then} "
+                            f"(JAX_DEBUG_NANS=True finds the operation)")
+
+
+def _check_finite(record, newest: Optional[int]) -> None:
+  """Raises NonFiniteLossError if the (device) record saw a NaN/inf; fetches it."""
+  error = _diverged(jax.device_get(record), newest)
+  if error is not None:
+    raise error
+
+
+def _save_last(ckpt, state, record, config, newest: Optional[int]) -> Optional[int]:
+  """Checkpoints the state of the last finished step when it is newer than the newest
+  checkpoint, was not donated to an unfinished step, and is finite; returns the step saved."""
+  if state is None or not _alive(state):
     return None
-  return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
+  step = int(state.step)
+  if step <= (newest or 0) or step in ckpt.all_steps():
+    return None
+  if _diverged(jax.device_get(record), newest) or not bool(_all_finite(state)):
+    return None
+  ckpt.save(step, state, config)
+  return step
+
+
+_all_finite = jax.jit(finite_guard.all_finite)
+
+
+def _interrupted(error: KeyboardInterrupt, step: int, saved: Optional[int],
+                       newest: Optional[int]) -> Interrupted:
+  """Interrupted with the one line the CLI prints: what stopped the run and how to go on."""
+  by, status = ("SIGTERM", Terminated.exit_status) if isinstance(error, Terminated) \
+      else ("Ctrl-C", 128 + signal.SIGINT)
+  if saved is not None:
+    then = f"saved a checkpoint at step {saved}: rerun the same command to resume"
+  elif newest is not None:
+    then = f"the newest checkpoint is at step {newest}: rerun the same command to resume"
+  else:
+    then = "no checkpoint was saved: rerun the same command to start over"
+  return Interrupted(f"interrupted by {by} at step {step}; {then}", int(status))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
           experiment: Optional[Experiment] = None):
-  """Pre-trains (resuming from the newest checkpoint in workdir); returns (experiment, state)."""
+  """Pre-trains (resuming from the newest intact checkpoint in workdir); returns
+  (experiment, state).
+
+  Ctrl-C and SIGTERM stop the loop with a checkpoint of the last finished step (Interrupted);
+  a NaN/inf in the loss, a metric or the updated state stops it with NonFiniteLossError and
+  no checkpoint of that state (finite_guard).
+  """
   exp = experiment or build_experiment(config)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    ckpt_lib.check_compatible(ckpt.restore_config(latest), config, workdir)
-    state = ckpt.restore_state(exp.abstract_state(), latest)
-    logging.info("resumed from step %d in %s", latest, ckpt.directory)
-    print(f"resuming from the checkpoint at step {latest}", flush=True)
-  else:
-    state = exp.init_state()
+  state, newest = _restore_or_init(exp, ckpt, workdir)
   start = int(state.step)
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -158,67 +287,67 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   batches = host_batches
   if jax.process_count() == 1:  # copy the next batches to the devices while a step runs
     batches = flax.jax_utils.prefetch_to_device(host_batches, 2, exp.devices)
-  bar = _progress(exp.total_steps, start, config.progress_bar and is_main)
-  step, last_saved, tick, tick_step = start, start, time.time(), start
-  try:
-    if monitor is not None and step == 0:
-      writer.write(0, monitor.run(0, state))     # the initial state's kNN and histograms
-      tick = time.time()
-    while step < exp.total_steps:
-      state, metrics = step_fn(state, next(batches))
-      step += 1
-      if step % config.log_every_steps == 0 or step == exp.total_steps:
-        metrics = jax.device_get(metrics)
-        if not all(math.isfinite(float(v)) for v in metrics.values()):
-          bad = {k: float(v) for k, v in metrics.items() if not math.isfinite(float(v))}
-          raise NonFiniteLossError(
-              f"non-finite metrics {bad} between steps {step - config.log_every_steps} and "
-              f"{step}; the checkpoint at step {last_saved} is kept. Lower the learning rate "
-              f"or run with JAX_DEBUG_NANS=True to find the first NaN.")
-        now = time.time()
-        metrics["steps_per_sec"] = (step - tick_step) / max(now - tick, 1e-9)
-        tick, tick_step = now, step
-        writer.write(step, metrics)
-        if bar is not None:
-          shown = metrics.get("loss", metrics.get("loss_total", 0.0))
-          bar.set_postfix(loss=f"{shown:.4f}", steps_s=f"{metrics['steps_per_sec']:.2f}")
-      if monitor is not None and monitor.due(step, exp.total_steps):
-        started = time.time()
-        writer.write(step, monitor.run(step, state))
-        tick += time.time() - started            # steps_per_sec stays a training speed
-      if bar is not None:
-        bar.update(1)
-      if step % config.checkpoint_every_steps == 0:
-        ckpt.save(step, state, config)
-        last_saved = step
-      if config.debug_kill_at_step and step == config.debug_kill_at_step:
-        ckpt.wait()  # crash drill for the tests: die hard, right after a checkpoint
-        os.kill(os.getpid(), signal.SIGKILL)
-  except NonFiniteLossError:
-    state = None  # never checkpoint a diverged state: the last good one stays the newest
-    raise
-  except KeyboardInterrupt:
-    print(f"\ninterrupted at step {step}; saving a checkpoint so the run can resume", flush=True)
-    raise
-  finally:
-    if bar is not None:
-      bar.close()
-    host_batches.close()
-    writer.close()
-    if state is not None and step > last_saved and _alive(state):
-      ckpt.save(step, state, config)
-    ckpt.close()
+  progress = progress_lib.make(exp.total_steps, start, config.progress_bar, enabled=is_main)
+  timer = progress_lib.StepTimer(start)
+  step, record, interrupt, saved = start, None, None, None
+  with _sigterm_stops_the_loop() as sigterm:
+    try:
+      if monitor is not None and step == 0:
+        writer.write(0, monitor.run(0, state))     # the initial state's kNN and histograms
+        timer.restart(0)
+      while step < exp.total_steps:
+        state, (metrics, flags) = step_fn(state, next(batches))
+        record = finite_guard.update(record, flags, state.step)
+        step += 1
+        progress.update(1)
+        if step % config.log_every_steps == 0 or step == exp.total_steps:
+          metrics, seen = jax.device_get((metrics, record))
+          error = _diverged(seen, newest)
+          if error is not None:
+            raise error
+          metrics = dict(metrics, steps_per_sec=timer.rate(step))
+          writer.write(step, metrics)
+          progress.log(step, float(metrics.get("loss", metrics.get("loss_total", 0.0))),
+                       metrics["steps_per_sec"])
+        if monitor is not None and monitor.due(step, exp.total_steps):
+          _check_finite(record, newest)
+          with timer.pause(state):                  # steps_per_sec stays a training speed
+            writer.write(step, monitor.run(step, state))
+        if step % config.checkpoint_every_steps == 0:
+          _check_finite(record, newest)             # only finite states are checkpointed
+          ckpt.save(step, state, config)
+          newest = step
+        if config.debug_kill_at_step and step == config.debug_kill_at_step:
+          ckpt.wait()  # crash drill for the tests: die hard, right after a checkpoint
+          os.kill(os.getpid(), signal.SIGKILL)
+        sigterm.check()
+    except NonFiniteLossError:
+      state = None  # never checkpoint a diverged state: the last good one stays the newest
+      raise
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through sigterm.check()
+      interrupt = e
+    finally:
+      progress.close()
+      host_batches.close()
+      writer.close()
+      saved = _save_last(ckpt, state, record, config, newest)
+      ckpt.close()
+  if interrupt is None and sigterm.received:  # SIGTERM during the last step or the save
+    interrupt = Terminated()
+  if interrupt is not None:
+    raise _interrupted(interrupt, step, saved, newest) from None
   plots.write_diagnostics(exp, state, workdir)  # PNGs if config.eval.plots; never raises
   return exp, state
 
 
 def compile_step(exp: Experiment, state):
-  """The pmapped train step, compiled ahead of time for `state` and the loader's batches.
+  """The pmapped, finite-guarded train step, compiled ahead of time for `state` and the
+  loader's batches: state, (metrics, finite_guard flags) = step(state, batch).
 
   Freed host memory is handed back to the OS before and after compiling, so that the
   garbage of the init and of the compiler does not add to the training loop's peak RSS.
   """
-  step_fn = parallel.pmap_step(exp.method.train_step, exp.devices,
+  step_fn = parallel.pmap_step(finite_guard.wrap(exp.method.train_step), exp.devices,
                                precision=exp.config.model.matmul_precision)
   host_memory.release()
   step_fn.compile(state, exp.loader.batch_at(0))

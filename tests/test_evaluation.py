@@ -1,18 +1,21 @@
-"""kNN evaluation, the online monitor, the PNG diagnostics and the restore-for-eval CLI."""
+"""kNN evaluation, the online monitor, the PNG diagnostics and the restore-for-eval CLI
+(damaged checkpoints skipped, the configured probe protocol, overrides without --config)."""
 
 import json
 import os
 import subprocess
 import sys
 
+import ckpt_damage  # tests/ckpt_damage.py
 import jax
 import numpy as np
 import pytest
 
 from metaug_jax import checkpoint as ckpt_lib
+from metaug_jax import cli
 from metaug_jax import eval as eval_lib
 from metaug_jax import train
-from metaug_jax.evaluation import knn, monitor, plots
+from metaug_jax.evaluation import knn, linear_probe, monitor, plots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -243,3 +246,112 @@ def test_eval_cli_reports_a_config_mismatch_in_one_line(tiny):
   assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
   assert "config.model.embedding_dim: checkpoint has 128, config has 64" in errors[0]
   assert "leave out --config" in errors[0]
+
+
+# ---- restore for eval: damaged checkpoints, the probe protocol, overrides without --config ---
+
+@pytest.fixture(scope="module")
+def three_steps(tiny, tmp_path_factory):
+  """A workdir with tiny's initial state saved as steps 2, 4 and 6 (copy before damaging)."""
+  exp, state, _ = tiny
+  workdir = str(tmp_path_factory.mktemp("three_steps"))
+  ckpt = ckpt_lib.Checkpointer(workdir)
+  for step in (2, 4, 6):
+    ckpt.save(step, state.replace(step=np.int32(step)), exp.config)
+  ckpt.close()
+  return workdir
+
+
+def _eval_cli(*args):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", "metaug_jax.eval", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_evaluate_workdir_skips_a_damaged_newest_checkpoint(three_steps, tmp_path, capsys):
+  copy = ckpt_damage.copy_workdir(three_steps, tmp_path / "w")
+  ckpt_damage.truncate_largest_file(copy, 6)
+  results = eval_lib.evaluate_workdir(copy, overrides={"eval.probe_epochs": 1})
+  out, err = capsys.readouterr()
+  [warning] = [l for l in err.splitlines() if l.strip()]
+  assert warning.startswith("warning: skipping the checkpoint at step 6 (truncated or "
+                            "unreadable state: ") and warning.endswith("; evaluating step 4")
+  assert "step 4)" in out and {"conv", "fc", "knn"} <= set(results)
+  assert os.path.exists(os.path.join(copy, "eval_step_4.json"))
+  assert sorted(os.listdir(os.path.join(copy, "checkpoints"))) == ["2", "4", "6"]  # read only
+
+
+def test_evaluate_workdir_at_a_damaged_step_or_over_only_damaged_ones_is_one_line(
+    three_steps, tmp_path):
+  copy = ckpt_damage.copy_workdir(three_steps, tmp_path / "w")
+  ckpt_damage.delete_metadata(copy, 6)
+  with pytest.raises(ckpt_lib.DamagedCheckpointError) as err:
+    eval_lib.evaluate_workdir(copy, step=6)
+  assert "\n" not in str(err.value) and "step 6" in str(err.value)
+  assert "missing or unreadable config" in str(err.value) and "--step" in str(err.value)
+  assert isinstance(err.value, cli.USER_ERRORS)
+  for step in (2, 4):
+    ckpt_damage.truncate_largest_file(copy, step)
+  with pytest.raises(ckpt_lib.DamagedCheckpointError, match="every checkpoint") as err:
+    eval_lib.evaluate_workdir(copy)
+  assert "\n" not in str(err.value)
+
+
+def test_evaluate_workdir_probes_by_the_configured_protocol(tiny, monkeypatch):
+  """eval.probe_augment: the probe's training features are fresh augmented views each epoch,
+  through linear_probe.evaluate, as training's final probe."""
+  _, _, workdir = tiny
+  keys = []
+  extract = linear_probe.extract_features
+
+  def spy(*args, augment_key=None, **kwargs):
+    if augment_key is not None:
+      keys.append(np.asarray(jax.random.key_data(augment_key)).tolist())
+    return extract(*args, augment_key=augment_key, **kwargs)
+
+  monkeypatch.setattr(linear_probe, "extract_features", spy)
+  config = digits.get_config("tiny")
+  config.eval.probe_augment = True
+  config.eval.probe_epochs = 2
+  results = eval_lib.evaluate_workdir(workdir, config)
+  assert len(keys) == 2 and keys[0] != keys[1]       # one fresh set of views per epoch
+  assert results["conv"]["augmented"] and results["fc"]["augmented"]
+  assert "knn" in results
+
+
+def test_evaluate_workdir_puts_overrides_on_the_saved_config(tiny):
+  _, _, workdir = tiny
+  results = eval_lib.evaluate_workdir(workdir, overrides={"eval.random_init": True,
+                                                          "eval.probe_epochs": 1})
+  with open(os.path.join(workdir, "probe_random_init.json")) as f:
+    assert json.load(f) == json.loads(json.dumps(results))
+  with pytest.raises(ckpt_lib.CheckpointMismatchError) as err:
+    eval_lib.evaluate_workdir(workdir, overrides={"model.width": 1.0})
+  message = str(err.value)
+  assert "\n" not in message and "config.model.width: checkpoint has 0.5" in message
+  assert "drop those --config overrides" in message
+
+
+@pytest.mark.slow
+def test_eval_cli_overrides_without_config(tiny):
+  _, _, workdir = tiny
+  r = _eval_cli(f"--workdir={workdir}", "--config.eval.random_init=True")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "randomly initialised encoder" in r.stdout
+  r = _eval_cli(f"--workdir={workdir}", "--config.eval.probe_epochs=2")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "| conv |" in r.stdout and "Traceback" not in r.stderr
+  r = _eval_cli(f"--workdir={workdir}", "--config.model.width=1.0")
+  assert r.returncode == 2
+  [line] = [l for l in r.stderr.splitlines() if l.strip()]
+  assert line.startswith("error: ") and "config.model.width" in line
+
+
+def test_eval_cli_at_a_damaged_step_is_one_line_and_exit_2(three_steps, tmp_path):
+  copy = ckpt_damage.copy_workdir(three_steps, tmp_path / "w")
+  ckpt_damage.truncate_largest_file(copy, 6)
+  r = _eval_cli(f"--workdir={copy}", "--step=6")
+  assert r.returncode == 2, r.stderr[-3000:]
+  [line] = [l for l in r.stderr.splitlines() if l.strip()]
+  assert line.startswith("error: the checkpoint at step 6 ") and "damaged" in line

@@ -25,8 +25,10 @@ class ProbeNeedsLabelsError(ValueError):
 
 
 def extract_features(method, params, batch_stats, images: np.ndarray, data_config,
-                     batch_size: int = 256, augment_key: Optional[jax.Array] = None) -> dict:
-  """{level: (N, F) float32 numpy} for every level the method exposes.
+                     batch_size: int = 256, augment_key: Optional[jax.Array] = None,
+                     levels: Optional[tuple] = LEVELS) -> dict:
+  """{level: (N, F) float32 numpy} for every level in `levels` the method exposes (None:
+  every one, the kNN's `embedding` included).
 
   With `augment_key`, the images go through the training views (random crop, flip, ...) with
   per-batch keys folded from it, as the paper's probe does for its training set; else through
@@ -40,7 +42,7 @@ def extract_features(method, params, batch_stats, images: np.ndarray, data_confi
     else:
       views = views_lib.make_train_views(key, batch, data_config)
     out = method.features(p, s, views)
-    return {k: v.astype(jnp.float32) for k, v in out.items() if k in LEVELS}
+    return {k: v.astype(jnp.float32) for k, v in out.items() if levels is None or k in levels}
 
   n = images.shape[0]
   chunks = []
@@ -130,21 +132,29 @@ def probe(train_x, train_y, test_x, test_y, num_classes: int, *, epochs: int = 1
           "train_acc": float(train_acc[-1]), "dim": int(train_x.shape[1])}
 
 
-def evaluate(method, params, batch_stats, dataset, config, seed: Optional[int] = None) -> dict:
-  """Linear-probe accuracies of every feature level: {level: {test_acc, best_test_acc, ...}}."""
+def evaluate(method, params, batch_stats, dataset, config, seed: Optional[int] = None,
+             features: Optional[tuple] = None) -> dict:
+  """Linear-probe accuracies of every feature level: {level: {test_acc, best_test_acc, ...}},
+  by the protocol the config names (eval.probe_augment: the paper's augmented one).
+
+  `features`: the (train, test) eval-view features, when the caller has them already
+  (restore-for-eval extracts them once for the probe and the kNN); levels not in LEVELS are
+  left out.
+  """
   if dataset.train_labels is None or dataset.test_labels is None:
     raise ProbeNeedsLabelsError(
         f"dataset {dataset.name!r} has no labels (or no labelled test set), so the linear "
         f"probe cannot run. Give the data class sub-folders (folder) or a 'y' array (npz), "
         f"or pass --config.eval.probe_after_training=False to only pre-train.")
   ec = config.eval
+  if features is None:
+    extract = functools.partial(extract_features, method, params, batch_stats,
+                                data_config=config.data, batch_size=ec.batch_size)
+    features = (extract(dataset.train_images), extract(dataset.test_images))
+  train, test = ({k: v for k, v in f.items() if k in LEVELS} for f in features)
   if ec.get("probe_augment", False):
     return probe_augmented(method, params, batch_stats, dataset, config,
-                           config.seed if seed is None else seed)
-  train = extract_features(method, params, batch_stats, dataset.train_images, config.data,
-                           ec.batch_size)
-  test = extract_features(method, params, batch_stats, dataset.test_images, config.data,
-                          ec.batch_size)
+                           config.seed if seed is None else seed, clean=(train, test))
   results = {}
   for level in train:
     results[level] = probe(train[level], dataset.train_labels, test[level], dataset.test_labels,
@@ -154,16 +164,17 @@ def evaluate(method, params, batch_stats, dataset, config, seed: Optional[int] =
   return results
 
 
-def probe_augmented(method, params, batch_stats, dataset, config, seed: int) -> dict:
-  """The paper's protocol (docs/metaug.md §7): each epoch the probe sees freshly augmented training
+def probe_augmented(method, params, batch_stats, dataset, config, seed: int,
+                    clean: Optional[tuple] = None) -> dict:
+  """The paper's protocol (docs/metaug.md §7): every epoch the probe sees freshly augmented training
   views (random resized crop, flip) through the frozen encoder; test images are not augmented.
-  Standardisation statistics come from the un-augmented training features."""
+  Standardisation statistics come from the un-augmented training features (`clean`: the
+  (train, test) eval-view features if already extracted)."""
   ec = config.eval
   key = jax.random.PRNGKey(seed)
   extract = functools.partial(extract_features, method, params, batch_stats,
                               data_config=config.data, batch_size=ec.batch_size)
-  clean = extract(dataset.train_images)
-  test = extract(dataset.test_images)
+  clean, test = clean or (extract(dataset.train_images), extract(dataset.test_images))
   n = dataset.train_images.shape[0]
   batch_size = int(min(ec.probe_batch_size, n))
   moments = {k: (v.mean(0), v.std(0) + 1e-6) for k, v in clean.items()}
