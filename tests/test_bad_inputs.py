@@ -76,7 +76,9 @@ CASES = [
     ("no_length", ["--config.num_epochs=0", "--config.num_train_steps=0"], 1,
      "set config.num_epochs or config.num_train_steps"),
     # ---- choices, encoders, flags ---------------------------------------------------------
-    ("bad_choice", ["--config.method=byol"], 1, "config.method='byol' is not one of"),
+    ("bad_choice", ["--config.method=byol2"], 1, "config.method='byol2' is not one of"),
+    ("method_needs_shared_encoder", ["--config.method=byol"], 1,
+     "config.method='byol' uses one encoder for both views"),
     ("unknown_dataset", ["--config.dataset=imagenet"], 1, "config.dataset='imagenet'"),
     ("alexnet_small_28_npz", [NPZ, "--config.data_dir={d}/ok.npz",
                               "--config.model.encoder=alexnet_small",
