@@ -22,6 +22,30 @@ def score_from_cosine(cos: jax.Array) -> jax.Array:
   return (cos + 1.0) / 2.0
 
 
+def in_batch_pairs(z1: jax.Array, z2: jax.Array, axis_name: Optional[str] = None):
+  """SimCLR's in-batch layout: the 2B local anchors [z1; z2], the 2N keys of the global batch
+  [all z1; all z2] (gathered over `axis_name` in device order), and for each anchor the key
+  column of itself and of its positive (its other view).
+
+  Returns:
+    anchors (2B, D), keys (2N, D), self_idx (2B,), pos_idx (2B,), at least float32.
+  """
+  chex.assert_rank([z1, z2], 2)
+  chex.assert_equal_shape([z1, z2])
+  z1, z2 = _float(z1), _float(z2)
+  b = z1.shape[0]
+  if axis_name is None:
+    g1, g2, offset = z1, z2, 0
+  else:
+    g1 = jax.lax.all_gather(z1, axis_name, tiled=True)
+    g2 = jax.lax.all_gather(z2, axis_name, tiled=True)
+    offset = jax.lax.axis_index(axis_name) * b
+  n = g1.shape[0]
+  local = jnp.arange(b) + offset
+  return (jnp.concatenate([z1, z2], axis=0), jnp.concatenate([g1, g2], axis=0),
+          jnp.concatenate([local, local + n]), jnp.concatenate([local + n, local]))
+
+
 def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float,
             axis_name: Optional[str] = None) -> jax.Array:
   """SimCLR's NT-Xent (Chen et al. 2020, Eq. 1) on L2-normalised embeddings of two views.
@@ -39,24 +63,9 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float,
   Returns:
     A scalar.
   """
-  chex.assert_rank([z1, z2], 2)
-  chex.assert_equal_shape([z1, z2])
-  z1, z2 = _float(z1), _float(z2)
-  b = z1.shape[0]
-  if axis_name is None:
-    g1, g2, offset = z1, z2, 0
-  else:
-    g1 = jax.lax.all_gather(z1, axis_name, tiled=True)
-    g2 = jax.lax.all_gather(z2, axis_name, tiled=True)
-    offset = jax.lax.axis_index(axis_name) * b
-  n = g1.shape[0]
-  anchors = jnp.concatenate([z1, z2], axis=0)  # (2B, D)
-  keys = jnp.concatenate([g1, g2], axis=0)  # (2N, D)
+  anchors, keys, self_idx, pos_idx = in_batch_pairs(z1, z2, axis_name)
   logits = anchors @ keys.T / temperature  # (2B, 2N)
-  local = jnp.arange(b) + offset
-  self_idx = jnp.concatenate([local, local + n])
-  pos_idx = jnp.concatenate([local + n, local])
-  cols = jnp.arange(2 * n)
+  cols = jnp.arange(keys.shape[0])
   logits = logits - _SELF_MASK * (cols[None, :] == self_idx[:, None])
   pos = jnp.take_along_axis(logits, pos_idx[:, None], axis=1)[:, 0]
   return jnp.mean(jax.nn.logsumexp(logits, axis=1) - pos)

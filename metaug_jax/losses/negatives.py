@@ -23,7 +23,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from metaug_jax.losses.contrastive import _float
+from metaug_jax.losses.contrastive import _float, in_batch_pairs
 
 NEGATIVE_MODES = ("plain", "debiased", "hard")
 
@@ -136,22 +136,9 @@ def nt_xent_scores(z1: jax.Array, z2: jax.Array,
   Returns:
     pos (2B,), neg (2B, 2N) cosines and valid (2B, 2N) bool.
   """
-  chex.assert_rank([z1, z2], 2)
-  chex.assert_equal_shape([z1, z2])
-  z1, z2 = _float(z1), _float(z2)
-  b = z1.shape[0]
-  if axis_name is None:
-    g1, g2, offset = z1, z2, 0
-  else:
-    g1 = jax.lax.all_gather(z1, axis_name, tiled=True)
-    g2 = jax.lax.all_gather(z2, axis_name, tiled=True)
-    offset = jax.lax.axis_index(axis_name) * b
-  n = g1.shape[0]
-  cos = jnp.concatenate([z1, z2], axis=0) @ jnp.concatenate([g1, g2], axis=0).T  # (2B, 2N)
-  local = jnp.arange(b) + offset
-  self_idx = jnp.concatenate([local, local + n])
-  pos_idx = jnp.concatenate([local + n, local])
-  cols = jnp.arange(2 * n)[None, :]
+  anchors, keys, self_idx, pos_idx = in_batch_pairs(z1, z2, axis_name)
+  cos = anchors @ keys.T  # (2B, 2N)
+  cols = jnp.arange(keys.shape[0])[None, :]
   valid = (cols != self_idx[:, None]) & (cols != pos_idx[:, None])
   pos = jnp.take_along_axis(cos, pos_idx[:, None], axis=1)[:, 0]
   return pos, cos, valid

@@ -9,7 +9,6 @@ device's examples (synchronised), and C sums over the global batch. Our encoders
 the projector; the paper's is three 8192-wide layers (`model.embedding_dim` sets ours).
 """
 
-import jax
 import ml_collections
 
 from metaug_jax import losses, parallel
@@ -47,13 +46,7 @@ class BarlowTwins(siamese.TwoViewMethod):
       loss = bc.scale_loss * losses.barlow_twins(
           outs[0]["projection"], outs[1]["projection"], bc.lambda_offdiag,
           axis_name=parallel.AXIS)
-      return loss, stats
+      return loss, (stats, None)
 
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["encoder"])
-    grads = parallel.pmean(grads)
-    params, opt, update_norm = self._apply_encoder_update(state, grads)
-    new_state = state.replace(step=state.step + 1, params={"encoder": params},
-                              batch_stats={"encoder": stats}, opt_state={"encoder": opt})
-    metrics = {"loss": loss, "grad_norm": common.global_norm(grads),
-               "update_norm": update_norm}
+    new_state, _, _, metrics = self._encoder_step(state, loss_fn)
     return new_state, parallel.pmean(metrics)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from metaug_jax import memory_bank
+from metaug_jax import memory_bank, parallel
 from metaug_jax.methods import common
 from metaug_jax.models import encoders
 
@@ -72,6 +72,19 @@ class Method:
   # ---- training ------------------------------------------------------------------------------
   def train_step(self, state: common.TrainState, batch: dict):
     raise NotImplementedError
+
+  def _encoder_step(self, state, loss_fn):
+    """One SGD step of the encoder on `loss_fn(encoder params) -> (loss, (batch_stats, aux))`:
+    the gradient is pmean'd over devices after grad. Returns (state after the step with only
+    the encoder's params / batch_stats / opt_state, loss, aux, metrics of the update)."""
+    (loss, (stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params["encoder"])
+    grads = parallel.pmean(grads)
+    params, opt, update_norm = self._apply_encoder_update(state, grads)
+    new_state = state.replace(step=state.step + 1, params={"encoder": params},
+                              batch_stats={"encoder": stats}, opt_state={"encoder": opt})
+    return new_state, loss, aux, {"loss": loss, "grad_norm": common.global_norm(grads),
+                                  "update_norm": update_norm}
 
   def _apply_encoder_update(self, state, grads):
     updates, opt = self.encoder_tx.update(grads, state.opt_state["encoder"],

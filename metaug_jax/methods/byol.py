@@ -63,21 +63,13 @@ class BYOL(siamese.TwoViewMethod):
       loss = losses.byol_loss(p1, targets[1]) + losses.byol_loss(p2, targets[0])
       return loss, (enc_stats, pred_stats, p1)
 
-    online = {"encoder": state.params["encoder"], "predictor": state.params["predictor"]}
-    (loss, (enc_stats, pred_stats, p1)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        online)
-    grads = parallel.pmean(grads)
-    enc_params, enc_opt, update_norm = self._apply_encoder_update(state, grads["encoder"])
-    pred_params, pred_opt = self._apply_part_update(state, "predictor", grads["predictor"])
+    (params, stats, opt), loss, p1, metrics = self._online_step(state, loss_fn)
     decay = ema.byol_decay(state.step, self.total_steps, self.config.byol.base_decay)
     new_state = state.replace(
         step=state.step + 1,
-        params={"encoder": enc_params, "predictor": pred_params,
-                "target": ema.ema_update(state.params["target"], enc_params, decay)},
-        batch_stats={"encoder": enc_stats, "predictor": pred_stats, "target": target_stats},
-        opt_state={"encoder": enc_opt, "predictor": pred_opt})
+        params={**params, "target": ema.ema_update(state.params["target"], params["encoder"],
+                                                   decay)},
+        batch_stats={**stats, "target": target_stats}, opt_state=opt)
     cos = jnp.sum(l2_normalize(p1) * l2_normalize(targets[1]), axis=-1)
-    metrics = {"loss": loss, "grad_norm": common.global_norm(grads),
-               "update_norm": update_norm, "target_decay": decay, "pos_mean": jnp.mean(cos),
-               "pos_std": jnp.std(cos)}
+    metrics.update(target_decay=decay, pos_mean=jnp.mean(cos), pos_std=jnp.std(cos))
     return new_state, parallel.pmean(metrics)

@@ -39,14 +39,9 @@ class SimCLR(base.Method):
       z = common.embeddings(outs)
       pairs = list(itertools.combinations(range(self.num_views), 2))
       loss = sum(self._nt_xent(z[i], z[j]) for i, j in pairs) / len(pairs)
-      return loss, stats
+      return loss, (stats, None)
 
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["encoder"])
-    grads = parallel.pmean(grads)
-    params, opt, update_norm = self._apply_encoder_update(state, grads)
-    new_state = state.replace(step=state.step + 1, params={"encoder": params},
-                              batch_stats={"encoder": stats}, opt_state={"encoder": opt})
-    metrics = {"loss": loss, "grad_norm": common.global_norm(grads), "update_norm": update_norm}
+    new_state, _, _, metrics = self._encoder_step(state, loss_fn)
     return new_state, parallel.pmean(metrics)
 
   def _nt_xent(self, z1, z2):

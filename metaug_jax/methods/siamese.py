@@ -8,6 +8,7 @@ import jax
 import ml_collections
 import optax
 
+from metaug_jax import parallel
 from metaug_jax.methods import base, common
 from metaug_jax.models import heads
 
@@ -66,6 +67,24 @@ class TwoViewMethod(base.Method):
     out, mutated = self.predictor.apply({"params": params, "batch_stats": stats}, x,
                                         train=True, mutable=["batch_stats"])
     return out, mutated["batch_stats"]
+
+  def _online_step(self, state, loss_fn):
+    """One SGD step of the encoder and the predictor on `loss_fn({"encoder", "predictor"})
+    -> (loss, (encoder stats, predictor stats, aux))`, gradients pmean'd after grad.
+
+    Returns (the new params, batch_stats and opt_state of both parts, loss, aux, metrics).
+    """
+    online = {"encoder": state.params["encoder"], "predictor": state.params["predictor"]}
+    (loss, (enc_stats, pred_stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        online)
+    grads = parallel.pmean(grads)
+    enc_params, enc_opt, update_norm = self._apply_encoder_update(state, grads["encoder"])
+    pred_params, pred_opt = self._apply_part_update(state, "predictor", grads["predictor"])
+    parts = ({"encoder": enc_params, "predictor": pred_params},
+             {"encoder": enc_stats, "predictor": pred_stats},
+             {"encoder": enc_opt, "predictor": pred_opt})
+    return parts, loss, aux, {"loss": loss, "grad_norm": common.global_norm(grads),
+                              "update_norm": update_norm}
 
   def _apply_part_update(self, state, part: str, grads):
     """The encoders' SGD (same schedule, own momentum state) applied to params[part]."""

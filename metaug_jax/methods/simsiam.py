@@ -6,7 +6,6 @@ bottleneck predictor (Sec. 3: 512 hidden for a 2048-wide projection; here a quar
 `model.embedding_dim` by default). The base method of hierarchical augmentation invariance.
 """
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -48,18 +47,10 @@ class SimSiam(siamese.TwoViewMethod):
       loss = losses.symmetric_negative_cosine(p1, p2, z1, z2)
       return loss, (enc_stats, pred_stats, z1)
 
-    online = {"encoder": state.params["encoder"], "predictor": state.params["predictor"]}
-    (loss, (enc_stats, pred_stats, z1)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        online)
-    grads = parallel.pmean(grads)
-    enc_params, enc_opt, update_norm = self._apply_encoder_update(state, grads["encoder"])
-    pred_params, pred_opt = self._apply_part_update(state, "predictor", grads["predictor"])
-    new_state = state.replace(
-        step=state.step + 1, params={"encoder": enc_params, "predictor": pred_params},
-        batch_stats={"encoder": enc_stats, "predictor": pred_stats},
-        opt_state={"encoder": enc_opt, "predictor": pred_opt})
+    (params, stats, opt), loss, z1, metrics = self._online_step(state, loss_fn)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
+                              opt_state=opt)
     # The collapse monitor of the paper (Fig. 2): std of the l2-normalised projection.
     z_std = jnp.mean(jnp.std(z1 / jnp.linalg.norm(z1, axis=-1, keepdims=True), axis=0))
-    metrics = {"loss": loss, "grad_norm": common.global_norm(grads),
-               "update_norm": update_norm, "projection_std_per_dim": z_std}
+    metrics["projection_std_per_dim"] = z_std
     return new_state, parallel.pmean(metrics)
