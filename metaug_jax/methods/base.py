@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from metaug_jax import memory_bank, parallel
+from metaug_jax import feature_aug, memory_bank, parallel
 from metaug_jax.methods import common
 from metaug_jax.models import encoders
 
@@ -40,6 +40,20 @@ class Method:
         model_config=config.model, num_views=self.num_views,
         share=bool(config.model.share_encoder), axis_name="batch")
     self.encoder_tx = common.encoder_optimizer(config, facts.steps_per_epoch)
+    self.augmenter = self.build_augmenter()
+
+  def build_augmenter(self) -> feature_aug.FeatureAugmenter:
+    """The feature augmenter applied to every ContrastBatch this method builds
+    (docs/feature_augmentation.md); the plain methods use the identity."""
+    return feature_aug.Identity()
+
+  def augment(self, state: common.TrainState, key: jax.Array, batch: feature_aug.ContrastBatch):
+    """`self.augmenter` applied to one ContrastBatch, with its params/state from the train
+    state (params["augmenter"], batch_stats["augmenter"]; empty when it has none)."""
+    out, _, metrics = feature_aug.apply_augmenter(
+        self.augmenter, state.params.get("augmenter", {}), state.batch_stats.get("augmenter", {}),
+        key, batch, state.step)
+    return out, metrics
 
   # ---- state ---------------------------------------------------------------------------------
   def init(self, rng: jax.Array, sample_views: Sequence[jax.Array]) -> common.TrainState:

@@ -35,6 +35,12 @@ def step_keys(state: TrainState, names: tuple[str, ...]) -> dict:
   return dict(zip(names, jax.random.split(key, len(names))))
 
 
+def augmenter_key(state: TrainState) -> jax.Array:
+  """This step's key for the feature augmenter, independent of the step's other keys (adding
+  an augmenter to a method leaves the views and negatives it draws unchanged)."""
+  return jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0x0A06)
+
+
 def encoder_lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
   """Step decay: lr x decay_rate after each epoch in lr_decay_epochs (docs/metaug.md §5.4)."""
   boundaries = {int(e) * steps_per_epoch: config.optim.lr_decay_rate

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from metaug_jax import ema, losses, parallel, queue
+from metaug_jax import ema, feature_aug, losses, parallel, queue
 from metaug_jax.config_check import Range
 from metaug_jax.methods import common, registry, siamese
 from metaug_jax.methods.registry import PaperRow, table1
@@ -58,11 +58,12 @@ class MoCo(siamese.TwoViewMethod):
     return state.replace(banks=queue.init_queue(key, int(self.config.moco.queue_size),
                                                 int(self.config.model.embedding_dim)))
 
-  def _infonce(self, q, k, keys_queue):
-    """Per-anchor InfoNCE of queries q against their keys k and the queued negatives."""
+  def _infonce(self, batch: feature_aug.ContrastBatch):
+    """Per-anchor InfoNCE of one direction's (augmented) ContrastBatch: the key is the
+    positive, the queue the negatives (MoCo Eq. 1); also returns the scores the loss saw."""
     lc = self.config.loss
-    pos = jnp.sum(q * k, axis=-1)
-    neg = queue.scores(q, keys_queue)
+    pos = feature_aug.positive_scores(batch)[:, 0]
+    neg = feature_aug.negative_scores(batch)
     return losses.infonce_from_scores(pos, neg, self.config.moco.temperature,
                                       negatives=lc.negatives, tau_plus=lc.tau_plus,
                                       beta=lc.hard_beta), (pos, neg)
@@ -77,25 +78,34 @@ class MoCo(siamese.TwoViewMethod):
                                                state.batch_stats["key_encoder"], views)
     k = [jax.lax.stop_gradient(e) for e in common.embeddings(key_outs)]
     pairs = ((0, 1), (1, 0)) if mc.symmetric else ((0, 1),)
+    aug_keys = jax.random.split(common.augmenter_key(state), len(pairs))
+    queue_keys = jax.lax.stop_gradient(state.banks.keys)
 
     def loss_fn(params):
       outs, stats = common.apply_encoder(self.encoder, params, state.batch_stats["encoder"],
                                          views)
       q = common.embeddings(outs)
-      terms = [self._infonce(q[i], k[j], state.banks) for i, j in pairs]
+      terms, enqueue, aug_metrics = [], [], {}
+      for (i, j), key in zip(pairs, aug_keys):
+        contrast = feature_aug.ContrastBatch(anchor=q[i], positive=k[j][:, None],
+                                             negatives=queue_keys, to_enqueue=k[j])
+        contrast, aug_metrics = self.augment(state, key, contrast)
+        terms.append(self._infonce(contrast))
+        enqueue.append(contrast.to_enqueue)
       loss = sum(jnp.mean(t[0]) for t in terms) / len(terms)
-      return loss, (stats, terms[0][1])
+      return loss, (stats, (terms[0][1], enqueue, aug_metrics))
 
-    (loss, (stats, (pos, neg))), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params["encoder"])
+    (loss, (stats, ((pos, neg), enqueue, aug_metrics))), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params["encoder"])
     grads = parallel.pmean(grads)
     params, opt, update_norm = self._apply_encoder_update(state, grads)
-    enqueued = jnp.concatenate([parallel.gather_rows(k[j]) for _, j in pairs], axis=0)
+    # Only the original keys (ContrastBatch.to_enqueue) reach the queue.
+    enqueued = jnp.concatenate([parallel.gather_rows(e) for e in enqueue], axis=0)
     new_state = state.replace(
         step=state.step + 1,
         params={"encoder": params, "key_encoder": key_params},
         batch_stats={"encoder": stats, "key_encoder": key_stats},
         opt_state={"encoder": opt}, banks=queue.enqueue(state.banks, enqueued))
     metrics = {"loss": loss, "grad_norm": common.global_norm(grads),
-               "update_norm": update_norm, **common.score_stats(pos, neg)}
+               "update_norm": update_norm, **common.score_stats(pos, neg), **aug_metrics}
     return new_state, parallel.pmean(metrics)
