@@ -4,6 +4,13 @@ Prints a markdown table of linear-probe accuracies (mean +- std over seeds), the
 same architecture at random initialisation (the floor, per row), and the measured seconds per
 training step, beside the paper's numbers, and writes it with the exact command to --out.
 
+Runs are paired by seed: seed s gives every method the same data order (the loader's order is
+a function of the seed alone) and the same initial key. With --baseline=NAME each other row
+gets, per feature level, the mean of its per-seed differences to the baseline and the p-value
+of a two-sided paired t-test on them (and the sign count), so a difference can be told from
+seed noise. The results file records the git commit, the library versions, the device and the
+wall time.
+
   # every row of MetAug's Table 1 (SimCLR, CMC, MoCo, BYOL, Barlow Twins, the debiased and
   # hard-negative variants, MetAug only-OUCL, MetAug), from the methods' registrations:
   python experiments/compare.py --config=configs/digits.py --workdir=runs/table1 \
@@ -16,14 +23,19 @@ training step, beside the paper's numbers, and writes it with the exact command 
       --grid="metaug.lambda_aug=1e-5,1e-3,1e-1;metaug.lambda_mi=1e-9,1e-5,1e-2"
 
 Each row applies its method's config variant (as `configs/NAME.py:METHOD` does), then its own
-overrides (e.g. loss.negatives=debiased), then the grid. Runs already finished in --workdir
-are reused (their probe JSON is read), so an interrupted comparison continues where it stopped.
+overrides (e.g. loss.negatives=debiased), then the grid. A run's directory is named by its
+row, its seed and a key hashing the fully resolved config and the library's source code, so a
+finished run is reused only when neither changed: an interrupted comparison continues where it
+stopped, and a changed override or changed code trains afresh.
 """
 
+import hashlib
 import itertools
 import json
 import os
+import platform
 import shlex
+import subprocess
 import sys
 import time
 
@@ -34,7 +46,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file.", l
 _WORKDIR = flags.DEFINE_string("workdir", None, "Parent directory of the runs.")
 _METHODS = flags.DEFINE_list("methods", ["cmc", "metaug_oucl_only", "metaug"],
                              "Registered method names, or 'table1' for every paper row.")
-_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (each run uses one).")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"],
+                           "Seeds (each run uses one; rows are paired by seed).")
+_BASELINE = flags.DEFINE_string("baseline", "", "Row label or method name every other row is "
+                                "tested against (paired t-test over seeds); empty: no tests.")
 _GRID = flags.DEFINE_string("grid", "", "'field=v1,v2;field2=w1,w2': the product is run.")
 _OUT = flags.DEFINE_string("out", "", "Markdown file to write the table (and command) to.")
 
@@ -88,8 +103,31 @@ def _seconds_per_step(workdir: str) -> float:
   return 1.0 / rates[len(rates) // 2]
 
 
+def code_version() -> str:
+  """A hash of the library's and the configs' source files: changes whenever the code does."""
+  import metaug_jax
+  digest = hashlib.sha256()
+  package = os.path.dirname(os.path.abspath(metaug_jax.__file__))
+  for folder in (package, os.path.join(os.path.dirname(package), "configs")):
+    for root, dirs, files in os.walk(folder):
+      dirs.sort()
+      for name in sorted(f for f in files if f.endswith(".py")):
+        path = os.path.join(root, name)
+        digest.update(os.path.relpath(path, folder).encode())
+        digest.update(open(path, "rb").read())
+  return digest.hexdigest()[:16]
+
+
+def run_key(config) -> str:
+  """The cache key of one run: the fully resolved config and the code version."""
+  text = config.to_json_best_effort(sort_keys=True)
+  return hashlib.sha256((text + code_version()).encode()).hexdigest()[:10]
+
+
 def run_one(config, workdir: str) -> dict:
-  """Trains and probes `config` in `workdir` (or reads the result of an earlier run)."""
+  """Trains and probes `config` in `workdir` (or reads the result of an earlier run there;
+  the directory name carries `run_key`, so an earlier run is only found for the same config
+  and code)."""
   from metaug_jax import train
   done = os.path.join(workdir, "compare_result.json")
   if os.path.exists(done):
@@ -97,7 +135,7 @@ def run_one(config, workdir: str) -> dict:
   start = time.time()
   probe = train.train_and_evaluate(config, workdir)
   result = {"probe": probe, "seconds_per_step": _seconds_per_step(workdir),
-            "wall_seconds": time.time() - start}
+            "wall_seconds": time.time() - start, "key": run_key(config)}
   json.dump(result, open(done, "w"), indent=2)
   return result
 
@@ -108,11 +146,63 @@ def floor_one(config, workdir: str) -> dict:
   done = os.path.join(workdir, "floor_result.json")
   if os.path.exists(done):
     return json.load(open(done))
+  start = time.time()
   exp = train.build_experiment(config)
   probe = train.evaluate_state(exp, exp.init_state(), title="random-init floor")
   os.makedirs(workdir, exist_ok=True)
-  json.dump({"probe": probe}, open(done, "w"), indent=2)
-  return {"probe": probe}
+  result = {"probe": probe, "wall_seconds": time.time() - start}
+  json.dump(result, open(done, "w"), indent=2)
+  return result
+
+
+def accuracies(runs: list, level: str) -> list:
+  """Per-seed test accuracies of one feature level (None where a run lacks the level)."""
+  return [r["probe"][level]["test_acc"] if level in r["probe"] else None for r in runs]
+
+
+def paired_test(values: list, baseline: list) -> dict:
+  """Mean per-seed difference, two-sided paired t-test p-value and the sign count.
+
+  Pairs with a missing value on either side are dropped; with fewer than two pairs, or all
+  differences equal, the p-value is undefined (None).
+  """
+  import numpy as np
+  from scipy import stats
+  pairs = [(a, b) for a, b in zip(values, baseline) if a is not None and b is not None]
+  diff = np.array([a - b for a, b in pairs], np.float64)
+  if not len(diff):
+    return {"n": 0, "mean_diff": None, "p": None, "wins": 0}
+  p = None
+  if len(diff) >= 2 and np.ptp(diff) > 0:
+    p = float(stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs]).pvalue)
+  return {"n": len(diff), "mean_diff": float(diff.mean()), "p": p,
+          "wins": int(np.sum(diff > 0)), "losses": int(np.sum(diff < 0))}
+
+
+def provenance() -> dict:
+  """What produced the results: commit, library versions, device, host."""
+  import flax
+  import jax
+  import jaxlib
+  import optax
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def git(*args):
+    try:
+      return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                            timeout=20, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+      return ""
+  commit = git("rev-parse", "HEAD") or "unknown (not a git checkout)"
+  if git("status", "--porcelain", "--untracked-files=no"):
+    commit += " (with uncommitted changes)"
+  devices = jax.devices()
+  return {"commit": commit, "code_version": code_version(),
+          "versions": f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, "
+                      f"flax {flax.__version__}, optax {optax.__version__}, "
+                      f"python {platform.python_version()}",
+          "device": f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform}), "
+                    f"host {platform.machine()} with {os.cpu_count()} CPU cores"}
 
 
 def _mean_std(values: list) -> str:
@@ -123,18 +213,34 @@ def _mean_std(values: list) -> str:
 
 
 def _cell(runs: list, level: str) -> str:
-  accs = [r["probe"][level]["test_acc"] for r in runs if level in r["probe"]]
+  accs = [a for a in accuracies(runs, level) if a is not None]
   return _mean_std(accs) if accs else "–"
+
+
+def _test_cell(test: dict) -> str:
+  """'+1.23 (p=0.012, 4/5)': mean difference, p-value, seeds where the row is ahead."""
+  if not test["n"]:
+    return "–"
+  p = "p=–" if test["p"] is None else f"p={test['p']:.3g}"
+  return f"{test['mean_diff']:+.2f} ({p}, {test['wins']}/{test['n']})"
 
 
 def main(argv):
   del argv
   from metaug_jax.methods import registry
+  started = time.time()
   base = _CONFIG.value
   grid = _parse_grid(_GRID.value)
+  planned = _rows(_METHODS.value)
+  if not _SEEDS.value:
+    raise app.UsageError("--seeds is empty: pass at least one seed, e.g. --seeds=0,1,2,3,4")
+  if _BASELINE.value and not any(_BASELINE.value in (label, method)
+                                 for label, method, *_ in planned):
+    # Checked before anything trains: a typo must not cost the whole comparison.
+    raise app.UsageError(f"--baseline={_BASELINE.value!r} is not one of the rows "
+                         f"({', '.join(label for label, *_ in planned)})")
   rows = []
-  for (label, method, row_overrides, paper), overrides in itertools.product(
-      _rows(_METHODS.value), grid):
+  for (label, method, row_overrides, paper), overrides in itertools.product(planned, grid):
     per_seed, floors = [], []
     for seed in _SEEDS.value:
       config = base.copy_and_resolve_references()
@@ -145,9 +251,10 @@ def main(argv):
       tag = "_".join([method, *(f"{k.split('.')[-1]}{v}"
                                 for k, v in {**row_overrides, **overrides}.items()),
                       f"seed{seed}"])
-      print(f"== {tag}", flush=True)
-      per_seed.append(run_one(config, os.path.join(_WORKDIR.value, tag)))
-      floors.append(floor_one(config, os.path.join(_WORKDIR.value, "floor_" + tag)))
+      key = run_key(config)
+      print(f"== {tag} ({key})", flush=True)
+      per_seed.append(run_one(config, os.path.join(_WORKDIR.value, f"{tag}-{key}")))
+      floors.append(floor_one(config, os.path.join(_WORKDIR.value, f"floor_{tag}-{key}")))
     rows.append((label, method, overrides, paper, per_seed, floors))
 
   levels = [lvl for lvl in ("conv", "fc", "mag_hidden")
@@ -169,9 +276,17 @@ def main(argv):
     lines.append("| " + " | ".join(cells) + " |")
   table = "\n".join(lines)
   seeds = ",".join(_SEEDS.value)
+  tests = _tests_table(rows, levels, grid)
   paper = _paper_table([(label, m, o, p) for label, m, o, p, _, _ in rows])
+  meta = provenance()
+  wall = time.time() - started
+  trained = sum(r.get("wall_seconds", 0.0) for *_, runs, fl in rows for r in runs + fl)
+  footer = (f"Commit {meta['commit']} (code version {meta['code_version']}); {meta['versions']}; "
+            f"{meta['device']}. Wall time of this command {wall / 60:.1f} min; the runs' own "
+            f"wall time (training, probes and floors, including runs reused from an earlier "
+            f"invocation) {trained / 60:.1f} min.")
   print(f"\nlinear-probe top-1 test accuracy (%), final probe epoch; seeds {seeds}\n{table}\n"
-        f"\n{paper}")
+        f"\n{tests}\n\n{paper}\n\n{footer}")
   if _OUT.value:
     command = "python " + shlex.join(sys.argv)
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
@@ -181,7 +296,29 @@ def main(argv):
               f"the final probe epoch, mean ± std over seeds {seeds}; the floor is the same "
               f"probe of the row's architecture at random initialisation (same seeds); "
               f"s / step is the median training step time after compilation on this "
-              f"machine.\n\n{table}\n\n{paper}\n")
+              f"machine.\n\n{table}\n\n{tests}\n\n{paper}\n\n{footer}\n")
+
+
+def _tests_table(rows: list, levels: list, grid: list) -> str:
+  """Paired differences of every row to --baseline, per level ('' without --baseline)."""
+  if not _BASELINE.value:
+    return ""
+  def baseline_runs(overrides):
+    return next((runs for label, method, o, _, runs, _ in rows
+                 if _BASELINE.value in (label, method) and o == overrides), None)
+  head = ["row", *(k for k in grid[0]), *(f"{lvl} vs {_BASELINE.value}" for lvl in levels)]
+  lines = [f"Paired by seed against {_BASELINE.value}: mean difference in points (two-sided "
+           f"paired t-test p-value, seeds where the row is ahead / seeds):", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for label, method, overrides, _, runs, _ in rows:
+    base_runs = baseline_runs(overrides)
+    if runs is base_runs:
+      continue
+    cells = [label, *(f"{v:g}" if isinstance(v, float) else str(v) for v in overrides.values())]
+    cells += [_test_cell(paired_test(accuracies(runs, lvl), accuracies(base_runs, lvl)))
+              for lvl in levels]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
