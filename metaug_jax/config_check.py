@@ -108,6 +108,7 @@ FIELDS: dict[str, Union[Range, Choice]] = {
     "data.grey_probability": PROBABILITY,
     "data.test_fraction": Range(0, 1, hi_open=True),
     "data.split_seed": SEED,
+    "data.max_train_examples": _int(0),
     "data.folder_image_size": _int(0),
     "data.stl10_pretrain_split": Choice(("train+unlabelled", "train")),
     "data.prefetch": _int(1),
@@ -271,7 +272,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
     problem = input_size_problem(config.model.encoder, config.data.input_size)
     if problem:
       e.append(problem)
-  if config.dataset in ("tiny_imagenet", "cifar_archive", "folder", "npz") \
+  if config.dataset in ("tiny_imagenet", "cifar_archive", "folder", "npz", "idx") \
       and not config.data_dir:
     e.append(f"config.dataset={config.dataset!r} reads local files: pass "
              f"--config.data_dir=PATH.")
