@@ -9,7 +9,7 @@ import ml_collections
 
 NEGATIVES = ("plain", "debiased", "hard")  # loss.negatives
 DATASETS = ("digits", "cifar10", "cifar100", "stl10", "tiny_imagenet", "cifar_archive",
-            "folder", "npz")
+            "folder", "npz", "fashion_mnist", "idx")
 VIEW_KINDS = ("lab", "lab2", "augmented_copies", "simclr")
 ENCODERS = ("digits_conv", "alexnet_small", "alexnet_half", "resnet18")
 CONV1_WEIGHT_GRADS = ("auto", "xla", "patches")  # model.conv1_weight_grad
@@ -38,7 +38,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # ---- data -------------------------------------------------------------------------------
   c.dataset = "digits"           # one of DATASETS
   c.data_dir = ""                # tfds data_dir, or the folder / archive / .npz file (or a folder
-                                 # holding one .npz, or train.npz + test.npz)
+                                 # holding one .npz, or train.npz + test.npz), or IDX folder
   c.download = False             # let tfds download and prepare (needs network + tensorflow)
   c.data = ml_collections.ConfigDict()
   c.data.views = "augmented_copies"  # one of VIEW_KINDS (docs/metaug.md §2.1)
@@ -54,6 +54,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.grey_probability = 0.2  # simclr views: random greyscale
   c.data.test_fraction = 0.2     # digits / folder / npz without a test file: held-out fraction
   c.data.split_seed = 0          # the seeded train/test split of digits, folder and npz
+  c.data.max_train_examples = 0  # >0: a seeded subset of the training images (0: all of them)
   c.data.test_file = ""          # npz: optional separate test file
   c.data.folder_image_size = 0   # folder: resize every image to this side (0: most common size)
   c.data.stl10_pretrain_split = "train+unlabelled"  # docs/metaug.md, decision A7

@@ -17,11 +17,17 @@ from metaug_jax.models.layers import l2_normalize
 from metaug_jax import parallel
 
 
-def init_banks(key: jax.Array, num_views: int, size: int, dim: int) -> jax.Array:
-  """CMC's U(-s, s) initialisation with s = 1/sqrt(dim/3), rows then made unit-norm."""
+def init_banks(key: jax.Array, num_views: int, size: int, dim: int,
+               unit_norm: bool = True) -> jax.Array:
+  """CMC's U(-s, s) initialisation with s = 1/sqrt(dim/3), rows then made unit-norm.
+
+  unit_norm=False keeps the raw uniform rows (expected squared norm dim * s^2 / 3 = 1), as the
+  authors' code does (bank.schedule="code_exact", docs/metaug.md §3.3); a row is normalised by
+  its first update either way.
+  """
   scale = 1.0 / jnp.sqrt(dim / 3.0)
   banks = jax.random.uniform(key, (num_views, size, dim), jnp.float32, -scale, scale)
-  return l2_normalize(banks)
+  return l2_normalize(banks) if unit_norm else banks
 
 
 def directions(num_views: int) -> tuple[tuple[int, int], ...]:

@@ -26,7 +26,8 @@ from metaug_jax import config_base
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm", ".pbm")
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-_TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "stl10": "stl10"}
+_TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "stl10": "stl10",
+               "fashion_mnist": "fashion_mnist"}
 _STL10_PRETRAIN_SPLITS = ("train+unlabelled", "train")
 _GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
@@ -119,7 +120,10 @@ def _check_labels(labels, images, what: str, num_classes: Optional[int]) -> None
 
 def load_dataset(config) -> ImageDataset:
   """Loads the dataset `config.dataset` (one of config_base.DATASETS) into host memory."""
+  from metaug_jax.data import idx, subset  # pylint: disable=g-import-not-at-top (they use this)
   loaders = {
+      "fashion_mnist": lambda c: idx.load_fashion_mnist(c, _load_tfds),
+      "idx": idx.load_idx_dataset,
       "digits": _load_digits,
       "cifar10": _load_tfds,
       "cifar100": _load_tfds,
@@ -134,11 +138,14 @@ def load_dataset(config) -> ImageDataset:
     raise ValueError(f"Unknown dataset {config.dataset!r}; allowed values: "
                      f"{', '.join(config_base.DATASETS)}.")
   if config.dataset in _TFDS_NAMES:
-    return loaders[config.dataset](config)
-  try:
-    return loaders[config.dataset](config)
-  except OSError as e:  # a local file or folder that exists but cannot be read
-    raise DataError(_os_error_message(e)) from e
+    dataset = loaders[config.dataset](config)
+  else:
+    try:
+      dataset = loaders[config.dataset](config)
+    except OSError as e:  # a local file or folder that exists but cannot be read
+      raise DataError(_os_error_message(e)) from e
+  return subset.limit_train_examples(dataset, config.data.max_train_examples,
+                                     config.data.split_seed)
 
 
 def _os_error_message(error: OSError) -> str:
@@ -293,7 +300,7 @@ def _tfds_read_split(name: str, split: str, data_dir: Optional[str], with_labels
 
 
 def _load_tfds(config) -> ImageDataset:
-  """CIFAR-10/100 and STL-10 from a prepared tfds copy (ArrayRecord, read without TensorFlow)."""
+  """CIFAR-10/100, STL-10 and Fashion-MNIST from a prepared tfds copy (ArrayRecord, read without TensorFlow)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   name = _TFDS_NAMES[config.dataset]
   data_dir = config.data_dir or None

@@ -3,7 +3,8 @@ term (§4.3); the InfoNCE family from scores (plain / debiased / hard negatives)
 without negatives of the baselines (SimSiam, BYOL, Barlow Twins)."""
 
 from metaug_jax.losses.contrastive import bank_infonce, bank_scores, nt_xent, score_from_cosine
-from metaug_jax.losses.margin import MARGIN_TYPES, margin_regularizer, margin_thresholds
+from metaug_jax.losses.margin import (MARGIN_TYPES, code_exact_columns, margin_regularizer,
+                                     margin_thresholds)
 from metaug_jax.losses.negatives import NEGATIVE_MODES, infonce_from_scores, nt_xent_scores
 from metaug_jax.losses.oucl import oucl
 from metaug_jax.losses.similarity import (barlow_twins, byol_loss, negative_cosine,
@@ -16,6 +17,7 @@ __all__ = [
     "bank_scores",
     "barlow_twins",
     "byol_loss",
+    "code_exact_columns",
     "infonce_from_scores",
     "margin_regularizer",
     "margin_thresholds",

@@ -1,10 +1,40 @@
 """Margin-injected regularisation (docs/metaug.md §4.3, decision A4; paper Eq. 5 per issue #2)."""
 
+from typing import Sequence
+
 import chex
 import jax
 import jax.numpy as jnp
 
 MARGIN_TYPES = ("large", "medium", "small")
+
+
+def code_exact_columns(directions: Sequence[tuple[int, int]],
+                       view: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(threshold, penalised) direction indices of the call S_view under the authors' rule.
+
+  `util.margin_injection_loss_calc` (docs/metaug.md §4.3): in the call where view v is
+  augmented, a direction (query x, bank y) gives threshold scores if it touches v neither as
+  query nor as bank (x != v and y != v), and is penalised otherwise. With 3 views that is 2
+  threshold and 4 penalised directions per call: 6 and 12 over S_1..S_3. With 2 views every
+  direction touches v, the rule leaves no threshold scores, and this raises ValueError.
+
+  Args:
+    directions: the calls' (query view, bank view) pairs, in their column order.
+    view: the augmented view v of the call.
+  Returns:
+    (indices of the threshold directions, indices of the penalised directions).
+  """
+  touches = [view in d for d in directions]
+  thresholds = tuple(i for i, t in enumerate(touches) if not t)
+  penalised = tuple(i for i, t in enumerate(touches) if t)
+  if not thresholds:
+    views = len({x for d in directions for x in d})
+    raise ValueError(
+        f"metaug.margin_code_exact needs >= 3 views: with {views}, every direction of the call "
+        f"S_{view} touches the augmented view, so the authors' rule has no scores to take "
+        f"thresholds from; pass --config.metaug.margin_code_exact=False (thresholds from S0).")
+  return thresholds, penalised
 
 
 def margin_thresholds(orig_pos: jax.Array, orig_neg: jax.Array,

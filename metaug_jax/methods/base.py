@@ -31,6 +31,7 @@ class Method:
   """Base: a multi-view encoder trained with an optax SGD; subclasses define the loss."""
 
   uses_bank = False
+  code_exact_banks = False  # raw U(-s, s) bank rows, as the authors (MetAug's bank.schedule)
 
   def __init__(self, config: ml_collections.ConfigDict, facts: DataFacts):
     self.config = config
@@ -66,7 +67,8 @@ class Method:
     banks = None
     if self.uses_bank:
       banks = memory_bank.init_banks(bank_key, self.num_views, self.facts.bank_size,
-                                     self.config.model.embedding_dim)
+                                     self.config.model.embedding_dim,
+                                     unit_norm=not self.code_exact_banks)
     state = common.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
                               opt_state=opt_state, banks=banks, rng=run_key)
     return self._init_extra(state, extra_key, variables, sample_views)

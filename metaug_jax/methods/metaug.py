@@ -99,14 +99,15 @@ class MetAug(base.Method):
     mc = self.config.metaug
     dirs = memory_bank.directions(self.num_views)
     single = scores[1:1 + self.num_views]          # S_v: view v augmented
-    aug_cols, orig_cols = [], []
+    aug_cols = []
     for v, s in enumerate(single):
       aug_cols.append(s[:, [d for d, (x, _) in enumerate(dirs) if x == v]])
-      orig_cols.append(s[:, [d for d, (x, _) in enumerate(dirs) if x != v]])
     if mc.margin_code_exact:
-      # util.py: thresholds from the unaffected columns of S1..SV; every column penalised.
-      thr_pos, thr_neg = memory_bank.split_scores(jnp.concatenate(orig_cols, axis=1))
-      pen = jnp.concatenate(single, axis=1)
+      # util.py: thresholds from the directions of S_v that avoid view v, the others penalised.
+      cols = [losses.code_exact_columns(dirs, v) for v in range(self.num_views)]
+      thr_pos, thr_neg = memory_bank.split_scores(
+          jnp.concatenate([s[:, list(t)] for s, (t, _) in zip(single, cols)], axis=1))
+      pen = jnp.concatenate([s[:, list(p)] for s, (_, p) in zip(single, cols)], axis=1)
       pos_scale, detach = 1e-4, False
     else:
       # Paper semantics: thresholds from the original call S0, only augmented queries.
