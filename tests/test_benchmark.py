@@ -33,24 +33,22 @@ def test_benchmark_runs_the_metaug_variants_and_the_parts(tmp_path):
   assert "error" not in report
 
 
-def _benchmark_module():
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(
-      "benchmark", os.path.join(ROOT, "experiments", "benchmark.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def _benchmark_modules(monkeypatch):
+  """The benchmark's plan and report modules (they import each other by their file names)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
+  return importlib.import_module("benchmark_plan"), importlib.import_module("benchmark_report")
 
 
-def test_settings_with_overrides_are_kept_apart_and_labelled():
+def test_settings_with_overrides_are_kept_apart_and_labelled(monkeypatch):
   """--resume must not reuse a float32 result for a bfloat16 run; tables name the override."""
-  bench = _benchmark_module()
-  plain = bench.Setting("anchor", "alexnet_half", "cmc", 64)
-  bf16 = bench.Setting("anchor", "alexnet_half", "cmc", 64,
-                       overrides=(("model.dtype", "bfloat16"),))
+  plan, report = _benchmark_modules(monkeypatch)
+  plain = plan.Setting("anchor", "alexnet_half", "cmc", 64)
+  bf16 = plan.Setting("anchor", "alexnet_half", "cmc", 64,
+                      overrides=(("model.dtype", "bfloat16"),))
   assert plain.key != bf16.key
-  assert bench.Setting.from_json(bf16.to_json()) == bf16
+  assert plan.Setting.from_json(bf16.to_json()) == bf16
   assert bf16.label == "cmc [model.dtype=bfloat16]" and plain.label == "cmc"
   # Accelerator step times keep three significant digits; CPU ones three decimals.
-  assert bench._s(0.007496) == "0.0075" and bench._s(0.0153) == "0.0153"
-  assert bench._s(11.3824) == "11.382" and bench._s(None) == "–"
+  assert report._s(0.007496) == "0.0075" and report._s(0.0153) == "0.0153"
+  assert report._s(11.3824) == "11.382" and report._s(None) == "–"

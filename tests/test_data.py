@@ -13,6 +13,7 @@ from PIL import Image
 from metaug_jax import config_base
 from metaug_jax.data import loader
 from metaug_jax.data import sources
+from metaug_jax.data import tfds_source
 
 
 def _config(dataset, data_dir="", **data):
@@ -268,7 +269,7 @@ def test_tfds_offline_unprepared_fails_fast(tmp_path, name):
 
 
 def test_tfds_download_without_tensorflow_says_how_to_install(tmp_path):
-  if sources._tensorflow_available():  # pylint: disable=protected-access
+  if tfds_source.tensorflow_available():
     pytest.skip("tensorflow is installed: download would try the network")
   c = _config("cifar10", tmp_path / "tfds")
   c.download = True

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from metaug_jax.data import sources
+from metaug_jax.data import dataset as sources
 
 # dtype code -> big-endian numpy dtype.
 IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"),
@@ -91,7 +91,7 @@ def read_idx(path: str) -> np.ndarray:
       data = gzip.decompress(data)
     except (EOFError, OSError, zlib.error) as e:
       raise sources.DataError(f"{path} is a truncated or corrupt gzip file "
-                              f"({type(e).__name__}: {sources._one_line(e)}); "  # pylint: disable=protected-access
+                              f"({type(e).__name__}: {sources.one_line(e)}); "
                               f"{_REFETCH}.") from e
   return parse_idx(data, path)
 
@@ -254,7 +254,7 @@ def _fashion_mnist_missing(data_dir: str, tfds_error: Exception) -> str:
           if os.path.isdir(FASHION_MNIST_DIR) and data_dir != FASHION_MNIST_DIR else "")
   looked = f"no IDX files in --config.data_dir={data_dir} and " if data_dir else ""
   reason = (str(tfds_error).splitlines() or [""])[0]
-  return sources._one_line(  # pylint: disable=protected-access
+  return sources.one_line(
       f"Fashion-MNIST is not available: {looked}no prepared tfds copy "
       f"({type(tfds_error).__name__}: {reason}). Fixes: apt-get install "
       f"dataset-fashion-mnist, then pass --config.data_dir={FASHION_MNIST_DIR}{here}; or point "

@@ -10,7 +10,7 @@ import logging
 
 import numpy as np
 
-from metaug_jax.data import sources
+from metaug_jax.data import dataset as sources
 
 
 def _draw(num: int, keep: int, rng: np.random.Generator) -> np.ndarray:
