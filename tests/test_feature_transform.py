@@ -21,7 +21,9 @@ from metaug_jax.augmenters import feature_transform as ft
 from metaug_jax.augmenters import score_stats
 from metaug_jax.evaluation import plots
 
-from test_baselines import ROOT, max_diff, run, tiny
+# Shared with tests/test_baselines.py (and its cached one-step states of plain MoCo and CMC,
+# so the comparisons below cost no compile when both files run in one session).
+from test_baselines import ROOT, _plain_step, max_diff, run, tiny
 
 
 def _unit(key, shape):
@@ -131,8 +133,8 @@ def test_the_gradient_reaches_the_query_through_the_transformed_key():
     return jnp.mean(losses.infonce_from_scores(jnp.sum(q_hat * k_hat, 1),
                                                q_hat @ batch.negatives.T, 0.2))
 
-  g = jax.grad(loss)(batch.anchor, False)
-  g_sg = jax.grad(loss)(batch.anchor, True)
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  g, g_sg = grad(batch.anchor, False), grad(batch.anchor, True)
   assert float(jnp.max(jnp.abs(g - g_sg))) > 1e-3
   # d(q' . k')/dq = l k' + (1 - l) q' exactly (both ends carry q).
   q_hat, k_hat = ft.mix_positive(batch.anchor, batch.positive[:, 0], lam)
@@ -144,7 +146,10 @@ def test_the_gradient_reaches_the_query_through_the_transformed_key():
 # ---- every option ---------------------------------------------------------------------------
 
 
-OPTIONS = list(itertools.product(ft.TARGETS, ft.GRANULARITIES, (False, True)))
+# Every target x granularity; shared (K, D) negatives with the positive-side granularities,
+# per-anchor (B, K, D) ones with the others.
+OPTIONS = [(t, g, g in ("none", "neg")) for t, g in itertools.product(ft.TARGETS,
+                                                                       ft.GRANULARITIES)]
 
 
 @pytest.mark.parametrize("target,granularity,per_anchor", OPTIONS)
@@ -249,10 +254,10 @@ def test_moco_ft_enqueues_the_original_keys_and_leaves_the_rest_of_the_queue():
   # The key encoder moves before the gradient step, so after one step MoCo and MoCo + FT hold
   # the same keys and the same queue; only the query encoder's step differs.
   _, with_ft, metrics = _moco_ft_one_device()
-  _, plain, _ = run(tiny("moco"), 1, 1)
-  assert max_diff(plain[1].banks, with_ft[1].banks) == 0
-  assert max_diff(plain[1].params["key_encoder"], with_ft[1].params["key_encoder"]) == 0
-  assert max_diff(plain[1].params["encoder"], with_ft[1].params["encoder"]) > 1e-7
+  plain = _plain_step("moco")
+  assert max_diff(plain.banks, with_ft[1].banks) == 0
+  assert max_diff(plain.params["key_encoder"], with_ft[1].params["key_encoder"]) == 0
+  assert max_diff(plain.params["encoder"], with_ft[1].params["encoder"]) > 1e-7
   m = metrics[0]
   assert m["score_pos_mean_post"] < m["score_pos_mean_pre"]
   assert 1 < m["ft_lambda_pos"] < 2 and 0 < m["ft_lambda_neg"] < 1
@@ -260,9 +265,9 @@ def test_moco_ft_enqueues_the_original_keys_and_leaves_the_rest_of_the_queue():
 
 def test_cmc_ft_transforms_the_bank_negatives_and_keeps_the_banks_original():
   _, with_ft, metrics = run(tiny("cmc_ft"), 1, 1)
-  _, plain, _ = run(tiny("cmc"), 1, 1)
-  assert max_diff(plain[1].params, with_ft[1].params) > 1e-7
-  assert max_diff(plain[1].banks, with_ft[1].banks) == 0   # the step's original embeddings
+  plain = _plain_step("cmc")
+  assert max_diff(plain.params, with_ft[1].params) > 1e-7
+  assert max_diff(plain.banks, with_ft[1].banks) == 0   # the step's original embeddings
   m = metrics[0]
   assert "ft_lambda_pos" not in m and 0 < m["ft_lambda_neg"] < 1   # the variant: negatives only
   assert m["score_pos_mean_post"] == pytest.approx(m["score_pos_mean_pre"], abs=1e-6)
