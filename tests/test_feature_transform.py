@@ -229,6 +229,24 @@ def test_score_statistics_are_the_tools_batch_aggregates():
   assert [s for s, _, _ in plots.SCORE_STAGES] == list(score_stats.STAGES)
 
 
+def test_score_stats_png_draws_one_run_or_a_sweep_and_stays_out_of_curves(tmp_path):
+  def series(shift):
+    steps = np.array([1, 2, 3])
+    return {score_stats.metric_name(s, t): (steps, steps * 0.1 + shift + (t == "post"))
+            for s in score_stats.STAT_NAMES for t in score_stats.STAGES}
+
+  one = plots.plot_score_stats([series(0.0)], str(tmp_path / "a.png"))
+  sweep = plots.plot_score_stats([series(0.0), series(1.0)], str(tmp_path / "b.png"),
+                                 labels=["m=0.9", "m=0.99"])
+  assert os.path.getsize(one) > 0 and os.path.getsize(sweep) > 0
+  assert plots.plot_score_stats([{"loss": (np.array([1]), np.array([1.0]))}],
+                                str(tmp_path / "c.png")) is None
+  assert not os.path.exists(tmp_path / "c.png")
+  drawn = {k for _, keys, _ in plots.curve_panels({**series(0.0), "ft_lambda_pos": (
+      np.array([1]), np.array([1.5]))}) for k in keys}
+  assert drawn == {"ft_lambda_pos"}
+
+
 # ---- the methods ----------------------------------------------------------------------------
 
 
