@@ -59,11 +59,14 @@ def _rows(names: list) -> list:
   from metaug_jax.methods import registry  # after the __main__ sys.path set-up
   if names == ["table1"]:
     return [(row.label, spec.name, dict(row.overrides), row.numbers)
-            for spec in registry.specs().values() for row in spec.paper_rows]
+            for spec, row in registry.table1_rows()]
   out = []
   for name in names:
     spec = registry.get(name)
-    paper = next((r.numbers for r in spec.paper_rows if not r.overrides), None)
+    # Only MetAug's Table 1 numbers are printed (rows of other papers, e.g. Feature
+    # Transformation's ImageNet numbers, have no Table 1 dataset to sit beside).
+    paper = next((r.numbers for r in spec.paper_rows
+                  if not r.overrides and r.source == registry.TABLE1_SOURCE), None)
     out.append((name, name, {}, paper))
   return out
 

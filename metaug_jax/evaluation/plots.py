@@ -10,6 +10,9 @@ Files written:
   * score_hist.png    positive vs negative cosine-similarity histograms, one panel per recorded
                       step (the Feature-Transformation paper's view of training,
                       docs/contrastive_baselines.md §9);
+  * score_stats.png   the batch aggregates of the positive score and of the negatives' mean and
+                      variance a feature augmenter logs before and after transforming the batch
+                      (score_* metrics, docs/feature_transformation.md);
   * embedding_2d.png  t-SNE (or UMAP when `umap` is importable) of test embeddings by class.
 
 `write_diagnostics(exp, state, workdir)` is what the training loop calls once at the end: it
@@ -34,6 +37,16 @@ from metaug_jax.evaluation import monitor as monitor_lib
 METRICS_FILE = "metrics.jsonl"
 EMBEDDING_FILE = "embedding_2d.npz"
 CURVES_PNG, SCORE_HIST_PNG, EMBEDDING_PNG = "curves.png", "score_hist.png", "embedding_2d.png"
+SCORE_STATS_PNG = "score_stats.png"
+# Metric keys of the score-distribution statistics (augmenters/score_stats.py), drawn in
+# score_stats.png rather than curves.png: score_{pos,neg}_{mean,var}_{pre,post}.
+SCORE_STATS_PREFIX = "score_"
+SCORE_STATS = (("pos_mean", "positive score: batch mean"),
+               ("pos_var", "positive score: batch variance"),
+               ("neg_mean", "negatives: batch mean of the per-anchor mean"),
+               ("neg_var", "negatives: batch mean of the per-anchor variance"))
+SCORE_STAGES = (("pre", "before the transformation", "--"),
+                ("post", "after (what the loss sees)", "-"))
 MAX_HIST_PANELS = 6
 # Totals drawn dashed, so the parts they are (nearly) equal to stay visible beneath them.
 _DASHED = ("mag_grad_norm", "meta_loss")
@@ -115,7 +128,8 @@ def curve_panels(series: dict) -> list:
             for title, keys, log in CURVE_PANELS]
   panels = [p for p in panels if p[1]]
   known = {k for _, keys, _ in CURVE_PANELS for k in keys} | set(_NOT_CURVES)
-  extra = sorted(k for k in series if k not in known and not k.startswith(("monitor_", "hist_"))
+  extra = sorted(k for k in series if k not in known
+                 and not k.startswith(("monitor_", "hist_", SCORE_STATS_PREFIX))
                  and not k.endswith("_std"))  # spreads go with the means drawn above
   return panels + [(k, [k], False) for k in extra[:MAX_EXTRA_PANELS]]
 
@@ -190,6 +204,48 @@ def plot_score_hist(records: Sequence[dict], path: str,
   return path
 
 
+def plot_score_stats(series: Sequence[dict], path: str,
+                     labels: Optional[Sequence[str]] = None,
+                     title: str = "score distributions before / after the feature transformation"
+                     ) -> Optional[str]:
+  """score_stats.png: one panel per statistic of SCORE_STATS against the step, the value
+  before the transformation dashed and after solid.
+
+  `series` is one `metric_series` output per run; several runs (a hyper-parameter sweep,
+  `labels` naming each) share the panels, one colour per run. None when no run logged any
+  score_* statistic.
+  """
+  def key(stat, stage):
+    return f"{SCORE_STATS_PREFIX}{stat}_{stage}"
+
+  present = [stat for stat, _ in SCORE_STATS
+             if any(key(stat, stage) in s for s in series for stage, _, _ in SCORE_STAGES)]
+  if not present:
+    return None
+  labels = list(labels) if labels is not None else [None] * len(series)
+  fig = _new_figure(5.0 * min(2, len(present)), 3.6 * -(-len(present) // 2))
+  axes = fig.subplots(-(-len(present) // 2), min(2, len(present)), squeeze=False).ravel()
+  colours = [f"C{i % 10}" for i in range(len(series))]
+  for ax, stat in zip(axes, present):
+    for run, label, colour in zip(series, labels, colours):
+      for stage, stage_name, style in SCORE_STAGES:
+        if key(stat, stage) not in run:
+          continue
+        steps, values = run[key(stat, stage)]
+        name = stage_name if label is None else f"{label}, {stage}"
+        ax.plot(steps, values, linestyle=style, color=colour, label=name,
+                marker="o" if steps.size < 20 else None, markersize=3)
+    ax.set_title(dict(SCORE_STATS)[stat])
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  for ax in axes[len(present):]:
+    ax.set_visible(False)
+  fig.suptitle(title)
+  fig.savefig(path)
+  return path
+
+
 def plot_embedding(xy: np.ndarray, labels: np.ndarray, path: str,
                    title: str = "test embeddings") -> Optional[str]:
   """embedding_2d.png: a scatter of (N, 2) points coloured by integer class label."""
@@ -239,6 +295,7 @@ def write_all(workdir: str) -> list:
       return plot_embedding(data["xy"], data["labels"], path, title)
 
   jobs = ((CURVES_PNG, curves), (SCORE_HIST_PNG, lambda p: plot_score_hist(hists, p)),
+          (SCORE_STATS_PNG, lambda p: plot_score_stats([metric_series(metrics)], p)),
           (EMBEDDING_PNG, embedding))
   for name, draw in jobs:
     try:

@@ -39,6 +39,13 @@ class MethodSpec:
 
 _SPECS: dict = {}
 TABLE1_DATASETS = ("tiny_imagenet", "stl10", "cifar10", "cifar100")
+TABLE1_SOURCE = PaperRow.source  # the default: MetAug's Table 1 (other papers' rows say so)
+
+
+def table1_rows() -> list:
+  """[(spec, row)] of every registered row from MetAug's Table 1, in registration order."""
+  return [(spec, row) for spec in _SPECS.values() for row in spec.paper_rows
+          if row.source == TABLE1_SOURCE]
 
 
 def table1(*conv_fc: float) -> dict:

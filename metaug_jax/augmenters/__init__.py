@@ -1,0 +1,12 @@
+"""Feature augmenters: pure rewrites of a `feature_aug.ContrastBatch` (docs/feature_augmentation.md).
+
+  * `feature_transform.FeatureTransform`: Feature Transformation (Zhu et al., ICCV 2021),
+    positive extrapolation and negative interpolation (docs/feature_transformation.md);
+  * `score_stats`: the positive / negative score-distribution statistics of that paper's
+    visualisation tool, before and after an augmenter.
+"""
+
+from metaug_jax.augmenters.feature_transform import FeatureTransform
+from metaug_jax.augmenters.score_stats import score_distribution
+
+__all__ = ["FeatureTransform", "score_distribution"]
