@@ -1,0 +1,179 @@
+"""A backbone with one exit per depth stage (Zhang & Ma, CVPR 2022, Sec. 3.2;
+docs/hierarchical_augmentation.md): `__call__(x, exit=s)` runs the stem and stages 1..s only
+and returns a pooled feature of the last stage's width from every exit.
+
+Exits s < last go through an exit head (the self-distillation heads of the same lab): a 1x1
+prep conv, an attention gate sigmoid(BN(upsample(SepConv_stride2(x)))) multiplied in, a chain
+of stride-2 SepConv blocks doubling the channels up to the last stage's, a 1x1 conv to the
+last stage's output width, BN, ReLU and a global average pool. The last exit is the plain
+global average pool of the last stage: the ordinary backbone, what the linear probe reads.
+
+Architectures: "resnet18" (CIFAR stem: 3x3 conv, no max pool; BasicBlocks [2, 2, 2, 2]),
+"resnet50" (ImageNet stem: 7x7/2 conv + 3x3/2 max pool; bottlenecks [3, 4, 6, 3], expansion
+4, last BN of each block zero-initialised) and "digits" (a small CPU net: one 3x3 conv block
+per stage, 16/32/64/128 channels, strides 1/2/2/2).
+"""
+
+from typing import Any, Optional
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from metaug_jax.models.encoders import BasicBlock
+from metaug_jax.models.layers import (ConvBNReLU, batch_norm, conv, max_pool, output_dtype,
+                                      torch_kernel_init)
+
+Dtype = Any
+ARCHS = ("digits", "resnet18", "resnet50")
+NUM_STAGES = 4
+_CHANNELS = {"digits": (16, 32, 64, 128), "resnet18": (64, 128, 256, 512),
+             "resnet50": (64, 128, 256, 512)}
+_BLOCKS = {"digits": (1, 1, 1, 1), "resnet18": (2, 2, 2, 2), "resnet50": (3, 4, 6, 3)}
+_EXPANSION = {"digits": 1, "resnet18": 1, "resnet50": 4}
+
+
+def _scaled(channels: int, width: float) -> int:
+  return max(1, int(round(channels * width)))
+
+
+def stage_channels(arch: str, width: float) -> tuple[int, ...]:
+  """Base channels of the four stages (before a bottleneck's expansion)."""
+  return tuple(_scaled(c, width) for c in _CHANNELS[arch])
+
+
+def feature_dim(arch: str, width: float) -> int:
+  """The pooled width every exit returns: the last stage's output channels."""
+  if arch not in ARCHS:
+    raise ValueError(f"unknown multi-exit architecture {arch!r}; allowed: {', '.join(ARCHS)}")
+  return stage_channels(arch, width)[-1] * _EXPANSION[arch]
+
+
+class SepConv(nn.Module):
+  """depthwise 3x3 (stride) -> 1x1 -> BN -> ReLU -> depthwise 3x3 -> 1x1 (to `features`) ->
+  BN -> ReLU (the exit heads' block)."""
+  features: int
+  strides: int = 1
+  axis_name: Optional[str] = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    c = x.shape[-1]
+    def depthwise(strides, name):
+      return nn.Conv(c, (3, 3), strides=(strides, strides), padding=((1, 1), (1, 1)),
+                     feature_group_count=c, use_bias=False, dtype=self.dtype,
+                     param_dtype=jnp.float32, kernel_init=torch_kernel_init, name=name)
+    x = depthwise(self.strides, "dw1")(x)
+    x = conv(c, 1, c, padding=0, dtype=self.dtype, name="pw1")(x)
+    x = nn.relu(batch_norm(train, self.axis_name, self.dtype, name="bn1")(x))
+    x = depthwise(1, "dw2")(x)
+    x = conv(self.features, 1, c, padding=0, dtype=self.dtype, name="pw2")(x)
+    return nn.relu(batch_norm(train, self.axis_name, self.dtype, name="bn2")(x))
+
+
+class ExitHead(nn.Module):
+  """Pooled (B, out_features) feature of a stage-s map: prep, attention gate, SepConv chain
+  (`num_blocks` stride-2 blocks doubling `mid` channels), 1x1 conv, BN, ReLU, average pool."""
+  mid: int
+  num_blocks: int
+  out_features: int
+  axis_name: Optional[str] = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    kw = dict(axis_name=self.axis_name, dtype=self.dtype)
+    h = conv(self.mid, 1, x.shape[-1], padding=0, dtype=self.dtype, name="prep")(x)
+    h = nn.relu(batch_norm(train, self.axis_name, self.dtype, name="prep_bn")(h))
+    g = SepConv(self.mid, strides=2, name="gate", **kw)(h, train)
+    g = jax.image.resize(g, h.shape, "bilinear")
+    g = nn.sigmoid(batch_norm(train, self.axis_name, self.dtype, name="gate_bn")(g))
+    h = h * g
+    channels = self.mid
+    for i in range(self.num_blocks):
+      channels *= 2
+      h = SepConv(channels, strides=2, name=f"scala{i + 1}", **kw)(h, train)
+    h = conv(self.out_features, 1, h.shape[-1], padding=0, dtype=self.dtype, name="out")(h)
+    h = nn.relu(batch_norm(train, self.axis_name, self.dtype, name="out_bn")(h))
+    return jnp.mean(h.astype(output_dtype(h.dtype)), axis=(1, 2))
+
+
+class Bottleneck(nn.Module):
+  """ResNet bottleneck 1x1 -> 3x3 (stride) -> 1x1 (x4), projection shortcut when needed; the
+  last BN starts at scale 0 (zero_init_residual, as the authors' ResNet-50)."""
+  features: int
+  strides: int = 1
+  axis_name: Optional[str] = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    out = self.features * 4
+    y = conv(self.features, 1, x.shape[-1], padding=0, dtype=self.dtype, name="conv1")(x)
+    y = nn.relu(batch_norm(train, self.axis_name, self.dtype, name="bn1")(y))
+    y = conv(self.features, 3, self.features, strides=self.strides, padding=1,
+             dtype=self.dtype, name="conv2")(y)
+    y = nn.relu(batch_norm(train, self.axis_name, self.dtype, name="bn2")(y))
+    y = conv(out, 1, self.features, padding=0, dtype=self.dtype, name="conv3")(y)
+    y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                     axis_name=self.axis_name if train else None, dtype=self.dtype,
+                     param_dtype=jnp.float32, scale_init=nn.initializers.zeros,
+                     name="bn3")(y)
+    shortcut = x
+    if self.strides != 1 or x.shape[-1] != out:
+      shortcut = conv(out, 1, x.shape[-1], strides=self.strides, padding=0, dtype=self.dtype,
+                      name="shortcut_conv")(x)
+      shortcut = batch_norm(train, self.axis_name, self.dtype, name="shortcut_bn")(shortcut)
+    return nn.relu(y + shortcut)
+
+
+class MultiExitEncoder(nn.Module):
+  """The multi-exit backbone: (B, S, S, C) images -> (B, feature_dim) pooled features of exit
+  `exit_` (static), computed from the stem and stages 1..exit_ only."""
+  arch: str = "resnet18"
+  width: float = 1.0
+  axis_name: Optional[str] = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, exit_: int, train: bool) -> jax.Array:
+    chex.assert_rank(x, 4)
+    if self.arch not in ARCHS:
+      raise ValueError(f"unknown multi-exit architecture {self.arch!r}; allowed: "
+                       f"{', '.join(ARCHS)}")
+    if not 1 <= exit_ <= NUM_STAGES:
+      raise ValueError(f"exit must be in 1..{NUM_STAGES}, got {exit_}")
+    kw = dict(axis_name=self.axis_name, dtype=self.dtype)
+    channels = stage_channels(self.arch, self.width)
+    expansion = _EXPANSION[self.arch]
+    h = x.astype(self.dtype)
+    if self.arch == "resnet18":
+      h = ConvBNReLU(channels[0], 3, padding=1, name="stem", **kw)(h, train)
+    elif self.arch == "resnet50":
+      h = ConvBNReLU(channels[0], 7, strides=2, padding=3, name="stem", **kw)(h, train)
+      h = max_pool(h, 3, 2, 1)
+    for stage in range(exit_):   # stages after the exit are never built nor run
+      for b in range(_BLOCKS[self.arch][stage]):
+        strides = (1 if stage == 0 else 2) if b == 0 else 1
+        name = f"stage{stage + 1}_block{b + 1}"
+        if self.arch == "digits":
+          h = ConvBNReLU(channels[stage], 3, strides=strides, padding=1, name=name,
+                         **kw)(h, train)
+        elif self.arch == "resnet18":
+          h = BasicBlock(channels[stage], strides, name=name, **kw)(h, train)
+        else:
+          h = Bottleneck(channels[stage], strides, name=name, **kw)(h, train)
+    out_dim = channels[-1] * expansion
+    if exit_ == NUM_STAGES:
+      pooled = jnp.mean(h.astype(output_dtype(h.dtype)), axis=(1, 2))
+    else:
+      pooled = ExitHead(mid=channels[exit_ - 1], num_blocks=NUM_STAGES - exit_,
+                        out_features=out_dim, name=f"exit{exit_}_head", **kw)(h, train)
+    chex.assert_shape(pooled, (x.shape[0], out_dim))
+    return pooled.astype(output_dtype(self.dtype))
+
+  def all_exits(self, x: jax.Array, exits, train: bool = False) -> tuple:
+    """Every exit of `exits` on the same input (initialises all their parameters)."""
+    return tuple(self(x, e, train) for e in exits)
