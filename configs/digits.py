@@ -7,8 +7,7 @@ Pre-training and the linear probe take a few minutes on a 2-core CPU. Variants:
 used by the tests, combinable with the others (`:moco,tiny`).
 """
 
-from metaug_jax.config_base import get_base_config
-from metaug_jax.methods import registry
+from metaug_jax.config_base import apply_small_config_arguments, get_base_config
 
 
 def get_config(arg: str = ""):
@@ -34,25 +33,4 @@ def get_config(arg: str = ""):
   c.eval.probe_epochs = 100
   c.eval.probe_batch_size = 128
   c.eval.monitor_every_steps = 55     # 5 epochs
-  for part in filter(None, arg.split(",")):
-    if part == "oucl_only":
-      c.method = "metaug_oucl_only"
-    elif part in registry.names():
-      registry.apply_variant(c, part)
-    elif part == "tiny":
-      c.num_train_steps = 6
-      c.batch_size = 32
-      c.bank.num_negatives = 32
-      c.model.mag_hidden = 64
-      c.model.width = 0.5
-      c.log_every_steps = 2
-      c.checkpoint_every_steps = 2
-      c.eval.probe_epochs = 5
-      c.eval.monitor_every_steps = 3
-      c.eval.monitor_examples = 64
-      c.eval.tsne_max_points = 100
-      c.progress_bar = False
-    else:
-      raise ValueError(f"unknown digits config argument {part!r}; use tiny, oucl_only or a "
-                       f"method: {', '.join(registry.names())}")
-  return c
+  return apply_small_config_arguments(c, arg, "digits")

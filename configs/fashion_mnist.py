@@ -9,8 +9,8 @@ method (`:cmc`, `:simclr`, `:moco`, ...; `:oucl_only` is `metaug_oucl_only`); `:
 seconds-long smoke run, combinable with the others (`:moco,tiny`).
 """
 
-from metaug_jax.config_base import get_base_config
-from metaug_jax.methods import registry
+from metaug_jax.config_base import (apply_small_config_arguments, get_base_config,
+                                    smoke_run)
 
 
 def get_config(arg: str = ""):
@@ -36,26 +36,10 @@ def get_config(arg: str = ""):
   c.eval.probe_epochs = 50
   c.eval.probe_batch_size = 256
   c.eval.monitor_every_steps = 235    # one epoch of the full 60k
-  for part in filter(None, arg.split(",")):
-    if part == "oucl_only":
-      c.method = "metaug_oucl_only"
-    elif part in registry.names():
-      registry.apply_variant(c, part)
-    elif part == "tiny":
-      c.data.max_train_examples = 1024
-      c.num_train_steps = 6
-      c.batch_size = 32
-      c.bank.num_negatives = 32
-      c.model.mag_hidden = 64
-      c.model.width = 0.5
-      c.log_every_steps = 2
-      c.checkpoint_every_steps = 2
-      c.eval.probe_epochs = 5
-      c.eval.monitor_every_steps = 3
-      c.eval.monitor_examples = 64
-      c.eval.tsne_max_points = 100
-      c.progress_bar = False
-    else:
-      raise ValueError(f"unknown fashion_mnist config argument {part!r}; use tiny, oucl_only or "
-                       f"a method: {', '.join(registry.names())}")
-  return c
+  return apply_small_config_arguments(c, arg, "fashion_mnist", tiny=_tiny)
+
+
+def _tiny(c) -> None:
+  """The smoke run on a 1024-image subset."""
+  smoke_run(c)
+  c.data.max_train_examples = 1024

@@ -29,6 +29,7 @@ finished run is reused only when neither changed: an interrupted comparison cont
 stopped, and a changed override or changed code trains afresh.
 """
 
+import functools
 import hashlib
 import itertools
 import json
@@ -106,8 +107,10 @@ def _seconds_per_step(workdir: str) -> float:
   return 1.0 / rates[len(rates) // 2]
 
 
+@functools.lru_cache(maxsize=None)
 def code_version() -> str:
-  """A hash of the library's and the configs' source files: changes whenever the code does."""
+  """A hash of the library's and the configs' source files: changes whenever the code does
+  (computed once per invocation)."""
   import metaug_jax
   digest = hashlib.sha256()
   package = os.path.dirname(os.path.abspath(metaug_jax.__file__))

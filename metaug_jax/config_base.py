@@ -237,3 +237,38 @@ def paper_config(dataset: str, arg: str = ""):
                          f"a method: {', '.join(registry.names())}")
       registry.apply_variant(c, part)
   return c
+
+
+def smoke_run(c: ml_collections.ConfigDict) -> None:
+  """`:tiny` of the small-data configs (digits, Fashion-MNIST): a seconds-long run that the
+  tests use."""
+  c.num_train_steps = 6
+  c.batch_size = 32
+  c.bank.num_negatives = 32
+  c.model.mag_hidden = 64
+  c.model.width = 0.5
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 2
+  c.eval.probe_epochs = 5
+  c.eval.monitor_every_steps = 3
+  c.eval.monitor_examples = 64
+  c.eval.tsne_max_points = 100
+  c.progress_bar = False
+
+
+def apply_small_config_arguments(c: ml_collections.ConfigDict, arg: str, config_name: str,
+                                 tiny=smoke_run) -> ml_collections.ConfigDict:
+  """The comma-separated arguments of a small-data config file (`configs/NAME.py:ARGS`):
+  `tiny` (applies `tiny(c)`), `oucl_only`, or any registered method's variant."""
+  from metaug_jax.methods import registry  # pylint: disable=g-import-not-at-top
+  for part in filter(None, arg.split(",")):
+    if part == "oucl_only":
+      c.method = "metaug_oucl_only"
+    elif part in registry.names():
+      registry.apply_variant(c, part)
+    elif part == "tiny":
+      tiny(c)
+    else:
+      raise ValueError(f"unknown {config_name} config argument {part!r}; use tiny, oucl_only "
+                       f"or a method: {', '.join(registry.names())}")
+  return c

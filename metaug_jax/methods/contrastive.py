@@ -5,7 +5,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 
-from metaug_jax import losses, memory_bank, parallel
+from metaug_jax import feature_aug, losses, memory_bank, parallel
 from metaug_jax.methods import base, common, registry
 from metaug_jax.methods.registry import PaperRow, table1
 
@@ -67,7 +67,9 @@ class CMC(base.Method):
   """CMC (Tian et al. 2020): InfoNCE of each view's query against the other views' banks.
 
   Summed over the V(V-1) directed view pairs, K sampled negatives per call, banks updated once
-  per step with the batch's (stop-gradient) embeddings.
+  per step with the batch's (stop-gradient) embeddings. Each direction's (query, own row, K
+  rows) is a ContrastBatch passed through `self.augmenter` (the identity here; `cmc_ft`
+  builds Feature Transformation).
   """
 
   uses_bank = True
@@ -80,19 +82,28 @@ class CMC(base.Method):
                                        self.facts.global_batch, cfg.bank.num_negatives,
                                        self.facts.bank_size)
     rows = memory_bank.gather(state.banks, indices)
+    pairs = memory_bank.directions(self.num_views)
+    aug_keys = jax.random.split(common.augmenter_key(state), len(pairs))
 
     def loss_fn(params):
       outs, stats = common.apply_encoder(self.encoder, params, state.batch_stats["encoder"],
                                          views)
       z = common.embeddings(outs)
-      per_direction = [jnp.mean(self._bank_infonce(z[x], rows[y]))
-                       for x, y in memory_bank.directions(self.num_views)]
-      return sum(per_direction), (stats, z)
+      per_direction, aug_metrics = [], {}
+      for (x, y), key in zip(pairs, aug_keys):
+        # The anchor's own row (column 0) is the positive, the K sampled rows the negatives.
+        contrast = feature_aug.ContrastBatch(anchor=z[x], positive=rows[y][:, :1],
+                                             negatives=rows[y][:, 1:])
+        contrast, aug_metrics = self.augment(state, key, contrast)
+        call_rows = jnp.concatenate([contrast.positive, contrast.negatives], axis=1)
+        per_direction.append(jnp.mean(self._bank_infonce(contrast.anchor, call_rows)))
+      return sum(per_direction), (stats, (z, aug_metrics))
 
-    (loss, (stats, z)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (stats, (z, aug_metrics))), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params["encoder"])
     grads = parallel.pmean(grads)
     params, opt, update_norm = self._apply_encoder_update(state, grads)
+    # The banks take the encoder's original embeddings, never augmented features.
     banks = memory_bank.update(state.banks, parallel.gather_rows(batch["index"]),
                                [parallel.gather_rows(f) for f in z], cfg.bank.momentum)
     pos, neg = memory_bank.split_scores(memory_bank.scores_from_rows(z, rows))
@@ -100,7 +111,7 @@ class CMC(base.Method):
                               batch_stats={"encoder": stats}, opt_state={"encoder": opt},
                               banks=banks)
     metrics = {"loss": loss, "grad_norm": common.global_norm(grads), "update_norm": update_norm,
-               **common.score_stats(pos, neg)}
+               **common.score_stats(pos, neg), **aug_metrics}
     return new_state, parallel.pmean(metrics)
 
   def _bank_infonce(self, query, rows):

@@ -32,14 +32,17 @@ def defaults() -> ml_collections.ConfigDict:
   return c
 
 
-def _check(config) -> list:
-  problems = siamese.two_view_check("moco")(config)
-  keys_per_step = config.batch_size * (2 if config.moco.symmetric else 1)
-  if config.moco.queue_size < keys_per_step:
-    problems.append(f"config.moco.queue_size={config.moco.queue_size} is smaller than the "
-                    f"{keys_per_step} keys enqueued per step; pass a larger queue or batch "
-                    f"fewer images.")
-  return problems
+def queue_check(name: str):
+  """A registry `check` for methods on MoCo's queue: two views, and room for a step's keys."""
+  def check(config) -> list:
+    problems = siamese.two_view_check(name)(config)
+    keys_per_step = config.batch_size * (2 if config.moco.symmetric else 1)
+    if config.moco.queue_size < keys_per_step:
+      problems.append(f"config.moco.queue_size={config.moco.queue_size} is smaller than the "
+                      f"{keys_per_step} keys enqueued per step; pass a larger queue or batch "
+                      f"fewer images.")
+    return problems
+  return check
 
 
 @registry.register(
@@ -47,7 +50,7 @@ def _check(config) -> list:
     section="moco", defaults=defaults,
     ranges={"queue_size": Range(1, integer=True), "momentum": Range(0, 1, hi_open=True),
             "temperature": Range(0, lo_open=True)},
-    variant=siamese.two_view_variant, check=_check,
+    variant=siamese.two_view_variant, check=queue_check("moco"),
     paper_rows=(PaperRow("MoCo", {}, table1(35.90, 41.37, 77.50, 79.73, 76.37, 79.30,
                                              51.04, 52.31)),))
 class MoCo(siamese.TwoViewMethod):
