@@ -1,4 +1,5 @@
-"""experiments/compare.py: paired tests over seeds, the run cache key, the provenance footer."""
+"""experiments/compare.py and its helpers (experiments/comparison.py): paired tests over seeds,
+the run cache key, the provenance footer, flags checked before training."""
 
 import math
 import os
@@ -10,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
-import compare  # noqa: E402  (experiments/compare.py)
+import comparison as compare  # noqa: E402  (experiments/comparison.py; compare.py defines flags)
 import digits  # noqa: E402  (configs/digits.py)
 
 
