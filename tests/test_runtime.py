@@ -135,7 +135,11 @@ def test_eigen_conv_library_takes_the_convolutions_off_ynnpack():
   assert flag in eigen["xla_flags"] and xla_runtime.YNN_FUSION_FLAG not in default["xla_flags"]
   assert default["ynn_convs"] > 0, default          # jaxlib 0.10-0.11 give YNNPACK the convs
   assert eigen["ynn_convs"] == 0 and eigen["convs"] >= default["ynn_convs"], eigen
-  np.testing.assert_allclose(eigen["params"], default["params"], rtol=1e-5)  # same maths
+  # Same maths, different kernels: the two libraries sum a convolution in different orders, and
+  # after two MetAug steps (second-order gradients through the convs) float32 rounding reaches
+  # ~2e-4 of the smallest leaves' |sum| (seen: 1.5e-4 on a 1e-2 leaf); a wrong kernel is off by
+  # far more than 1e-3.
+  np.testing.assert_allclose(eigen["params"], default["params"], rtol=1e-3)
 
 
 def test_conv_library_setting_merges_with_xla_flags_and_reports_conflicts(monkeypatch):
