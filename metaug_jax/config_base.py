@@ -16,6 +16,7 @@ CONV1_WEIGHT_GRADS = ("auto", "xla", "patches")  # model.conv1_weight_grad
 XLA_CPU_SCHEDULERS = ("concurrency", "memory")  # xla_cpu_scheduler
 XLA_CPU_CONV_LIBRARIES = ("eigen", "xla_default")  # xla_cpu_conv_library
 MATMUL_PRECISIONS = ("default", "high", "highest")  # model.matmul_precision
+BANK_INITS = ("random", "encoder")  # bank.init (docs/contrastive_baselines.md §3.1)
 
 
 def parse_literal(text: str):
@@ -59,6 +60,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.folder_image_size = 0   # folder: resize every image to this side (0: most common size)
   c.data.stl10_pretrain_split = "train+unlabelled"  # docs/metaug.md, decision A7
   c.data.prefetch = 2            # host batches prepared ahead of the device
+  c.data.order = "epoch"         # epoch: a seeded permutation per epoch; uniform: every step's
+                                 # batch drawn afresh (data/loader.py, ORDERS)
 
   # ---- model ------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -126,6 +129,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.bank.num_negatives = 1024    # K per bank call
   c.bank.momentum = 0.5
   c.bank.schedule = "clean"      # "clean" (docs/metaug.md, decision A6) or "code_exact"
+  c.bank.init = "random"         # "random": CMC's uniform rows; "encoder": every row starts as
+                                 # the initial encoder's embedding of its image (BANK_INITS)
 
   # ---- MetAug (docs/metaug.md §4-5) ---------------------------------------------------------
   c.metaug = ml_collections.ConfigDict()

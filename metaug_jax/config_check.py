@@ -11,6 +11,7 @@ import math
 from typing import Optional, Union
 
 from metaug_jax import config_base
+from metaug_jax.data import loader
 
 
 class ConfigError(ValueError):
@@ -112,6 +113,7 @@ FIELDS: dict[str, Union[Range, Choice]] = {
     "data.folder_image_size": _int(0),
     "data.stl10_pretrain_split": Choice(("train+unlabelled", "train")),
     "data.prefetch": _int(1),
+    "data.order": Choice(loader.ORDERS),
     "model.encoder": Choice(config_base.ENCODERS),
     "model.embedding_dim": _int(1),
     "model.width": POSITIVE,
@@ -142,6 +144,7 @@ FIELDS: dict[str, Union[Range, Choice]] = {
     "bank.num_negatives": _int(1),
     "bank.momentum": PROBABILITY,
     "bank.schedule": Choice(("clean", "code_exact")),
+    "bank.init": Choice(config_base.BANK_INITS),
     "metaug.algorithm": Choice(("paper", "legacy")),
     "metaug.inner_lr": NON_NEGATIVE,
     "metaug.virtual_step_from": Choice(("updated", "current")),

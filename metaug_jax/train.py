@@ -24,7 +24,7 @@ import ml_collections
 from absl import logging
 
 from metaug_jax import checkpoint as ckpt_lib
-from metaug_jax import config_check, finite_guard, host_memory, methods, parallel
+from metaug_jax import config_check, finite_guard, host_memory, memory_bank, methods, parallel
 from metaug_jax import progress as progress_lib
 from metaug_jax import xla_runtime
 from metaug_jax.data import loader as loader_lib
@@ -105,9 +105,18 @@ class Experiment:
     return views_lib.make_eval_views(self.dataset.pretrain_images[:2], self.config.data)
 
   def init_state(self, seed: Optional[int] = None):
-    """A fresh state (jitted init)."""
+    """A fresh state (jitted init); with bank.init="encoder" the memory banks start as the
+    initial encoder's embeddings of every pre-training image."""
     key = jax.random.PRNGKey(self.config.seed if seed is None else seed)
-    return jax.jit(self.method.init)(key, self._sample_views())
+    state = jax.jit(self.method.init)(key, self._sample_views())
+    if self.method.uses_bank and self.config.bank.init == "encoder":
+      embeddings = linear_probe.extract_features(
+          self.method, state.params, state.batch_stats, self.dataset.pretrain_images,
+          self.config.data, batch_size=self.config.eval.batch_size,
+          levels=("embedding",))["embedding"]
+      state = state.replace(banks=memory_bank.banks_from_embeddings(
+          jax.numpy.asarray(embeddings), self.method.num_views))
+    return state
 
   def abstract_state(self):
     return jax.eval_shape(self.method.init, jax.random.PRNGKey(0), self._sample_views())
@@ -136,7 +145,8 @@ def build_experiment(config: ml_collections.ConfigDict,
   loader = loader_lib.EpochLoader(dataset.pretrain_images, global_batch_size=config.batch_size,
                                   num_devices=len(devices), seed=config.seed,
                                   process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+                                  process_count=jax.process_count(),
+                                  order=config.data.order)
   total = config.num_train_steps or config.num_epochs * loader.steps_per_epoch
   warning = config_check.decay_warning(config, int(total), loader.steps_per_epoch)
   if warning and apply_xla_settings and jax.process_index() == 0:

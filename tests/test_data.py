@@ -362,7 +362,27 @@ def test_epoch_loader_global_batch_is_split_consistently(devices, processes):
     np.testing.assert_array_equal(np.concatenate([q["index"].ravel() for q in parts]), whole)
 
 
+def test_uniform_order_draws_each_step_afresh_and_resumes():
+  images = _indexed_images(40)
+  make = lambda seed: loader.EpochLoader(images, global_batch_size=8, num_devices=2, seed=seed,
+                                         order="uniform")
+  ld = make(4)
+  batches = [ld.global_indices_at(s) for s in range(12)]
+  for idx in batches:  # no repeat inside a batch, rows of the data set only
+    assert len(set(idx.tolist())) == 8 and idx.min() >= 0 and idx.max() < 40
+  # Steps are independent draws, not slices of one permutation: some row comes back within
+  # what would be one epoch (5 steps), which a permutation never allows.
+  first_epoch = np.concatenate(batches[:5])
+  assert len(set(first_epoch.tolist())) < 40
+  np.testing.assert_array_equal(make(4).global_indices_at(7), batches[7])  # pure in (seed, step)
+  assert not np.array_equal(make(5).global_indices_at(7), batches[7])
+  np.testing.assert_array_equal(make(4).batch_at(9)["index"].ravel(), batches[9])
+
+
 def test_epoch_loader_validation():
+  with pytest.raises(ValueError, match="order"):
+    loader.EpochLoader(_indexed_images(40), global_batch_size=8, num_devices=1, seed=0,
+                       order="random")
   with pytest.raises(ValueError, match="multiple"):
     loader.EpochLoader(_indexed_images(40), global_batch_size=6, num_devices=4, seed=0)
   with pytest.raises(ValueError, match="batch_size"):

@@ -85,6 +85,20 @@ def test_four_devices_match_one_device(method, overrides):
   assert max(jax.tree.leaves(moved)) > 1e-4
 
 
+def test_encoder_bank_init_holds_the_initial_encoders_embeddings():
+  config = tiny_config("cmc", **{"bank.init": "encoder", "data.max_train_examples": 64})
+  exp = train.build_experiment(config)
+  state = jax.device_get(exp.init_state())
+  random_banks = jax.device_get(train.build_experiment(tiny_config("cmc")).init_state().banks)
+  views = train.views_lib.make_eval_views(exp.dataset.pretrain_images, config.data)
+  embedding = np.asarray(exp.method.features(state.params, state.batch_stats, views)["embedding"])
+  assert state.banks.shape == (2, 64, config.model.embedding_dim)
+  np.testing.assert_allclose(state.banks[0], embedding[:, :config.model.embedding_dim], atol=1e-5)
+  np.testing.assert_allclose(state.banks[1], embedding[:, config.model.embedding_dim:], atol=1e-5)
+  # The random init's rows are unrelated to the encoder.
+  assert np.max(np.abs(random_banks[0, :64] - state.banks[0])) > 0.1
+
+
 def test_train_step_compiles_once():
   config = tiny_config("metaug")
   config.num_devices = 1

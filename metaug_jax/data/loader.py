@@ -11,18 +11,29 @@ from typing import Iterator, Optional
 import numpy as np
 
 
-class EpochLoader:
-  """Host-side iterator over uint8 images: per-epoch seeded shuffle, global batch sharded.
+ORDERS = ("epoch", "uniform")  # data.order
 
-  Epoch `e` visits the rows in the order `np.random.default_rng([seed, e]).permutation(N)`;
-  the last `N % global_batch_size` rows of each permutation are dropped. The global batch is
+
+class EpochLoader:
+  """Host-side iterator over uint8 images: seeded shuffle, global batch sharded.
+
+  With order="epoch" (the default), epoch `e` visits the rows in the order
+  `np.random.default_rng([seed, e]).permutation(N)`; the last `N % global_batch_size` rows of
+  each permutation are dropped. With order="uniform", every step draws its global batch
+  afresh (without replacement inside the batch) from `default_rng([seed, UNIFORM_STREAM,
+  step])`, so an example's memory-bank row is as old, on average, as any other row when it
+  is visited (docs/contrastive_baselines.md §2.3); "epochs" then only count steps. The global batch is
   split contiguously: device `d` of process `p` holds global-batch rows
   `[(p * num_devices + d) * b, (p * num_devices + d + 1) * b)` with
   `b = global_batch_size // (process_count * num_devices)`.
   """
 
+  UNIFORM_STREAM = 0x5EED  # keeps the uniform draws apart from the epoch permutations
+
   def __init__(self, images: np.ndarray, *, global_batch_size: int, num_devices: int, seed: int,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1, order: str = "epoch"):
+    if order not in ORDERS:
+      raise ValueError(f"order must be one of {ORDERS}, got {order!r}.")
     if images.ndim != 4:
       raise ValueError(f"images must be (N, H, W, C), got shape {images.shape}.")
     if num_devices < 1 or process_count < 1 or not 0 <= process_index < process_count:
@@ -46,6 +57,7 @@ class EpochLoader:
     self.num_devices = num_devices
     self.per_device_batch_size = global_batch_size // shards
     self.seed = seed
+    self.order = order
     self.process_index = process_index
     self.process_count = process_count
     # Memo of the last (epoch, permutation); replaced as one tuple so that threads sharing the
@@ -64,6 +76,9 @@ class EpochLoader:
     """Rows of `images` in the whole global batch of `step` (all processes), int64 (G,)."""
     if step < 0:
       raise ValueError(f"step must be >= 0, got {step}.")
+    if self.order == "uniform":
+      rng = np.random.default_rng([self.seed, self.UNIFORM_STREAM, step])
+      return rng.choice(self.num_examples, self.global_batch_size, replace=False)
     epoch, position = divmod(step, self.steps_per_epoch)
     start = position * self.global_batch_size
     return self.permutation(epoch)[start:start + self.global_batch_size]
