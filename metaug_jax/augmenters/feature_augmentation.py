@@ -116,7 +116,7 @@ def problems(config, method: str, family: str, has_predictor: bool) -> list:
     out.append(f"config.fa.placement='predictor' needs a method with a predictor "
                f"(byol_fa, simsiam_fa); {method} has none: pass --config.fa.placement=projector "
                f"or backbone.")
-  if c.placement == "predictor" and c.side != "online":
+  if c.placement == "predictor" and c.side != "online" and c.op != "inter_mix":
     out.append(f"config.fa.placement='predictor' copies predictions, which only the online side "
                f"has: pass --config.fa.side=online (got {c.side!r}).")
   if c.usage == "extra_negative":

@@ -445,14 +445,14 @@ class SiameseFA(FAMixin):
       t_outs = outs if target_outs is None else target_outs
       t = [jax.lax.stop_gradient(o["projection"]) for o in t_outs]
       loss_orig = self.symmetrised(*(self.pair_loss(p[i], t[j]) for i, j in DIRECTIONS))
-      level = {"backbone": "conv", "projector": "projection"}.get(fc.placement)
-      if level is None:   # the predictor: the other view's prediction is the mixing partner
-        placed = [feature_aug.ContrastBatch(anchor=p[i], positive=p[j][:, None],
-                                            unit_norm=False) for i, j in DIRECTIONS]
-      else:
-        placed = [feature_aug.ContrastBatch(anchor=outs[i][level],
-                                            positive=t_outs[j][level][:, None], unit_norm=False)
-                  for i, j in DIRECTIONS]
+      # The online feature at the placement and the target-side feature at the same level;
+      # the target side has no predictor, so there the prediction meets its target itself.
+      level = {"backbone": "conv", "projector": "projection", "predictor": "projection"}
+      online = [p[i] if fc.placement == "predictor" else outs[i][level[fc.placement]]
+                for i, _ in DIRECTIONS]
+      placed = [feature_aug.ContrastBatch(anchor=a, unit_norm=False,
+                                          positive=t_outs[j][level[fc.placement]][:, None])
+                for a, (_, j) in zip(online, DIRECTIONS)]
 
       def tail(copies):
         online, target = [p[i] for i, _ in DIRECTIONS], [t[j] for _, j in DIRECTIONS]
