@@ -19,9 +19,10 @@ data augmentation) but not its choices, so every axis is a field of the config s
   * `renorm`: each copy rescaled to its original's norm (L2 normalisation for unit embeddings).
 
 One `apply` draws ONE copy: it rewrites a ContrastBatch of the features at the module's
-placement (anchor: a direction's online feature; positive: the other view's feature at the
-same placement; negatives: the loss's negatives, for `usage=extra_negative`) into the batch of
-that copy. The methods (methods/feature_augmentation.py) draw `num_copies` of them, carry them
+placement (anchor: a direction's online feature; positive: the other view's target-side feature
+at the same level, or the target itself where the target side has no such level, the
+predictor; negatives: the loss's negatives, for `usage=extra_negative`) into the batch of that
+copy. The methods (methods/feature_augmentation.py) draw `num_copies` of them, carry them
 through what follows the placement (projector, predictor) and weigh the FA term into the loss.
 `to_enqueue` is never touched, and every per-row draw is made for the global batch and sliced,
 so a step does not depend on the device count.
@@ -149,9 +150,6 @@ def problems(config, method: str, family: str, has_predictor: bool) -> list:
     if c.num_copies > 1 and c.generator_noise_dim == 0:
       out.append(f"config.fa.num_copies={c.num_copies} copies of a deterministic generator "
                  f"(fa.generator_noise_dim=0) are identical: pass a noise width or one copy.")
-  if not config.model.share_encoder:
-    out.append(f"config.method={method!r} re-projects backbone copies through the one shared "
-               f"encoder: pass --config.model.share_encoder=True.")
   return out
 
 

@@ -11,7 +11,7 @@ All outputs are at least float32 whatever the compute dtype; parameters are alwa
 The fc tail that maps `conv` to the projection is the encoder's projector: called with
 `project_only=True`, an encoder takes a (B, F_conv) backbone feature instead of images and runs
 only that tail, with the same parameters (feature augmentation at the backbone re-projects its
-copies this way, docs/feature_augmentation.md §3).
+copies this way, docs/feature_augmentation.md §3.3).
 """
 
 from typing import Any, Optional, Sequence
