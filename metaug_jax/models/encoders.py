@@ -8,6 +8,10 @@ levels and the contrastive embedding (docs/metaug.md §7, decision A9):
     (what BYOL's and SimSiam's predictors and Barlow Twins' loss read),
   embedding: (B, embedding_dim) L2-normalised, float32.
 All outputs are at least float32 whatever the compute dtype; parameters are always float32.
+The fc tail that maps `conv` to the projection is the encoder's projector: called with
+`project_only=True`, an encoder takes a (B, F_conv) backbone feature instead of images and runs
+only that tail, with the same parameters (feature augmentation at the backbone re-projects its
+copies this way, docs/feature_augmentation.md §3.3).
 """
 
 from typing import Any, Optional, Sequence
@@ -48,6 +52,7 @@ def _head(self_: nn.Module, conv_feat: jax.Array, fc_dims: Sequence[int], train:
   The first hidden activation is the probe's "fc" level. Layers are named
   f"{prefix}{first_index}", f"{prefix}{first_index + 1}", ... with BNs "bn{index}".
   """
+  chex.assert_rank(conv_feat, 2)
   h = conv_feat
   fc_feat = None
   index = first_index
@@ -88,7 +93,9 @@ class AlexNetHalf(nn.Module):
   conv1_weight_grad: str = "xla"   # input conv's kernel derivative (layers.conv)
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> dict:
+  def __call__(self, x: jax.Array, train: bool, project_only: bool = False) -> dict:
+    if project_only:
+      return self.projector(x, train)
     _check_images(x)
     if x.shape[1] != 224:
       raise ValueError(
@@ -107,7 +114,13 @@ class AlexNetHalf(nn.Module):
     h = block(_scaled(128, w), 3, padding=1, pool=(3, 2), name="conv5", **kw)(h, train)
     chex.assert_shape(h, (x.shape[0], 6, 6, _scaled(128, w)))
     conv_feat = h.reshape((h.shape[0], -1))
-    return _head(self, conv_feat, (_scaled(2048, w), _scaled(2048, w)), train, "fc", 6)
+    return self.projector(conv_feat, train)
+
+  def projector(self, conv_feat: jax.Array, train: bool) -> dict:
+    """The fc tail on a (B, F_conv) backbone feature (`project_only`)."""
+    w = self.width
+    return _head(self, conv_feat.astype(self.dtype), (_scaled(2048, w), _scaled(2048, w)),
+                 train, "fc", 6)
 
 
 class AlexNetSmall(nn.Module):
@@ -127,7 +140,9 @@ class AlexNetSmall(nn.Module):
   conv1_weight_grad: str = "xla"   # input conv's kernel derivative (layers.conv)
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> dict:
+  def __call__(self, x: jax.Array, train: bool, project_only: bool = False) -> dict:
+    if project_only:
+      return self.projector(x, train)
     _check_images(x)
     size = x.shape[1]
     if size % 32 != 0:
@@ -145,7 +160,13 @@ class AlexNetSmall(nn.Module):
     h = block(_scaled(128, w), 3, padding=1, pool=(3, 2), name="conv5", **kw)(h, train)
     chex.assert_shape(h, (x.shape[0], 4, 4, _scaled(128, w)))
     conv_feat = h.reshape((h.shape[0], -1))
-    return _head(self, conv_feat, (_scaled(1024, w), _scaled(1024, w)), train, "fc", 6)
+    return self.projector(conv_feat, train)
+
+  def projector(self, conv_feat: jax.Array, train: bool) -> dict:
+    """The fc tail on a (B, F_conv) backbone feature (`project_only`)."""
+    w = self.width
+    return _head(self, conv_feat.astype(self.dtype), (_scaled(1024, w), _scaled(1024, w)),
+                 train, "fc", 6)
 
 
 class BasicBlock(nn.Module):
@@ -184,7 +205,9 @@ class ResNet18(nn.Module):
   conv1_weight_grad: str = "xla"   # input conv's kernel derivative (layers.conv)
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> dict:
+  def __call__(self, x: jax.Array, train: bool, project_only: bool = False) -> dict:
+    if project_only:
+      return self.projector(x, train)
     _check_images(x)
     w = self.width
     h = x.astype(self.dtype)
@@ -196,7 +219,12 @@ class ResNet18(nn.Module):
         h = block(_scaled(channels, w), strides if b == 0 else 1, axis_name=self.axis_name,
                   dtype=self.dtype, name=f"stage{stage + 1}_block{b + 1}")(h, train)
     conv_feat = jnp.mean(h.astype(output_dtype(h.dtype)), axis=(1, 2)).astype(self.dtype)
-    return _head(self, conv_feat, (_scaled(2048, w),), train, "fc", 1)
+    return self.projector(conv_feat, train)
+
+  def projector(self, conv_feat: jax.Array, train: bool) -> dict:
+    """The fc tail on a (B, F_conv) backbone feature (`project_only`)."""
+    w = self.width
+    return _head(self, conv_feat.astype(self.dtype), (_scaled(2048, w),), train, "fc", 1)
 
 
 class DigitsConvNet(nn.Module):
@@ -214,7 +242,9 @@ class DigitsConvNet(nn.Module):
   conv1_weight_grad: str = "xla"   # input conv's kernel derivative (layers.conv)
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> dict:
+  def __call__(self, x: jax.Array, train: bool, project_only: bool = False) -> dict:
+    if project_only:
+      return self.projector(x, train)
     _check_images(x)
     block = maybe_remat(ConvBNReLU, self.remat)
     w = self.width
@@ -225,7 +255,12 @@ class DigitsConvNet(nn.Module):
     h = block(_scaled(32, w), 3, padding=1, pool=(2, 2), name="conv2", **kw)(h, train)
     h = block(_scaled(64, w), 3, padding=1, pool=(2, 2), name="conv3", **kw)(h, train)
     conv_feat = h.reshape((h.shape[0], -1))
-    return _head(self, conv_feat, (_scaled(256, w),), train, "fc", 1)
+    return self.projector(conv_feat, train)
+
+  def projector(self, conv_feat: jax.Array, train: bool) -> dict:
+    """The fc tail on a (B, F_conv) backbone feature (`project_only`)."""
+    w = self.width
+    return _head(self, conv_feat.astype(self.dtype), (_scaled(256, w),), train, "fc", 1)
 
 
 _ENCODERS = {
