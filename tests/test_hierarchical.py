@@ -2,6 +2,7 @@
 and record the jitter parameters, exit s runs no later stage, the loss is the sum of the
 per-exit losses, the probe reads the last exit only, and 4 devices train like one."""
 
+import importlib
 import os
 import sys
 
@@ -159,6 +160,40 @@ def test_exit_s_runs_no_stage_beyond_s(arch, stage_convs, stem):
   only_two = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x, (2,),
                                            method=m.all_exits))["params"]
   assert not any(k.startswith(("stage3", "stage4", "exit1", "exit3")) for k in only_two)
+
+
+RECIPES = {  # (backbone, px, blur kernel, batch, epochs, lr, weight decay) per config file
+    "cifar10": ("resnet18", 32, 0, 512, 800, 0.06, 5e-4),
+    "stl10": ("resnet50", 224, 23, 256, 200, 0.05, 1e-4),
+    "tiny_imagenet": ("resnet50", 224, 23, 256, 200, 0.05, 1e-4),
+    "fashion_mnist": ("digits", 28, 0, 256, 20, 0.03, 1e-4),
+    "digits": ("digits", 16, 0, 128, 40, 0.03, 1e-4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_config_variants_have_the_recipe_and_validate(name):
+  """configs/NAME.py:METHOD for the three methods: the recipe of the data set, four exits,
+  and a config that config_check accepts (nothing trains)."""
+  from metaug_jax import config_check
+  module = importlib.import_module(name)
+  for method in ("simsiam_hai", "byol_hai", "barlow_hai"):
+    c = module.get_config(method)
+    c.data_dir = "/data"                            # tiny_imagenet reads local files
+    config_check.validate(c, 4)
+    s = H.pipeline_spec(c.hai, c.data, 4)
+    got = (hai_method.backbone_arch(c), c.data.input_size, H.stage_ops(s, 4).blur_kernel,
+           c.batch_size, c.num_epochs, c.optim.lr, c.optim.weight_decay)
+    assert got[:5] == RECIPES[name][:5], got
+    np.testing.assert_allclose(got[5:], RECIPES[name][5:], rtol=1e-12)
+    assert c.method == method and c.hai.exits == (1, 2, 3, 4) and c.model.share_encoder
+    assert H.stage_ops(s, 4).blur_probability == (0.5 if got[2] else 0.0)
+    assert c.hai.fix_predictor_lr == (method == "simsiam_hai") or method == "barlow_hai"
+    if name in ("cifar10", "stl10", "tiny_imagenet"):
+      assert (c.model.embedding_dim, c.hai.embed_dim, c.hai.predictor_hidden) == (2048, 512, 512)
+      assert c.hai.projector_layers == (2 if name == "cifar10" else 3)
+    else:   # grey data: flip at the last exit only where the data set allows flipping
+      assert c.hai.flip_from == (4 if c.data.flip else 0)
 
 
 def tiny(method, **overrides):

@@ -1,4 +1,4 @@
-"""A backbone with one exit per depth stage (Zhang & Ma, CVPR 2022, Sec. 3.2;
+"""A backbone with one exit per depth stage (Zhang & Ma, CVPR 2022, Fig. 3b;
 docs/hierarchical_augmentation.md): `__call__(x, exit=s)` runs the stem and stages 1..s only
 and returns a pooled feature of the last stage's width from every exit.
 
