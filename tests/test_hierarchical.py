@@ -1,6 +1,7 @@
 """Hierarchical augmentation invariance: the add-one pipelines apply exactly their exit's ops
 and record the jitter parameters, exit s runs no later stage, the loss is the sum of the
-per-exit losses, the probe reads the last exit only, and 4 devices train like one."""
+per-exit losses, the probe reads the last exit only, 4 devices train like one, and the config
+variants carry each data set's recipe."""
 
 import importlib
 import os
@@ -145,7 +146,7 @@ def test_gaussian_blur_matches_numpy():
 @pytest.mark.parametrize("arch,stage_convs,stem", [("digits", (1, 1, 1, 1), 0),
                                                    ("resnet18", (4, 5, 5, 5), 1)])
 def test_exit_s_runs_no_stage_beyond_s(arch, stage_convs, stem):
-  m = multi_exit.MultiExitEncoder(arch=arch, width=0.125)
+  m = multi_exit.MultiExitEncoder(arch=arch, width=0.125, depthwise="xla")   # convs counted
   x = jnp.ones((2, 16, 16, 3))
   shapes = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x, (1, 2, 3, 4),
                                          method=m.all_exits))
@@ -194,6 +195,22 @@ def test_config_variants_have_the_recipe_and_validate(name):
       assert c.hai.projector_layers == (2 if name == "cifar10" else 3)
     else:   # grey data: flip at the last exit only where the data set allows flipping
       assert c.hai.flip_from == (4 if c.data.flip else 0)
+
+
+@pytest.mark.parametrize("size,strides", [(8, 1), (7, 2)])
+def test_shifted_depthwise_conv_equals_the_grouped_convolution(size, strides):
+  """Same parameters, values and gradients as XLA's grouped convolution (the CPU default)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, size, size, 5))
+  convs = [multi_exit.SepConv(6, strides=strides, depthwise=d) for d in ("xla", "shifted")]
+  variables = convs[0].init(jax.random.PRNGKey(1), x, False)
+  assert jax.tree.structure(variables) == jax.tree.structure(
+      convs[1].init(jax.random.PRNGKey(1), x, False))
+  def loss(c):
+    return lambda v, x: jnp.sum(jnp.sin(c.apply(v, x, True, mutable=["batch_stats"])[0]))
+  (want, want_grads), (got, got_grads) = (
+      jax.jit(jax.value_and_grad(loss(c), argnums=(0, 1)))(variables, x) for c in convs)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert max_diff(got_grads, want_grads) < 1e-4
 
 
 def tiny(method, **overrides):
@@ -267,14 +284,19 @@ def test_probe_reads_only_the_last_exit(simsiam_runs):
   assert max_diff(base["conv"], features(deep, state.batch_stats, views)["conv"]) > 1e-3
 
 
-@pytest.mark.slow  # two more train-step compilations (~1 minute on a busy 2-core CPU)
+@pytest.mark.slow  # four more train-step compilations (~2 minutes on a busy 2-core CPU)
 @pytest.mark.parametrize("method", ["byol_hai", "barlow_hai"])
-def test_byol_and_barlow_hai_train(method):
+def test_byol_and_barlow_hai_train_on_four_devices_like_on_one(method):
   config = tiny(method, **{"hai.base_decay": 0.9})
   _, states, metrics = run(config, 4, 1)
+  _, one, one_metrics = run(config, 1, 1)
   m = metrics[0]
   assert np.isfinite(float(m["loss"]))
   np.testing.assert_allclose(m["loss"], m["loss_exit3"] + m["loss_exit4"], rtol=1e-5)
+  np.testing.assert_allclose(one_metrics[0]["loss"], m["loss"], rtol=1e-4)
+  # Barlow Twins' cross-correlation and the BatchNorms span the global batch.
+  step = max(1.0, max_diff(one[0].params, one[1].params))
+  assert max_diff(one[-1].params, states[-1].params) < 2e-5 * step
   old, new = states
   if method == "byol_hai":   # the target includes the exits' projectors
     tau = 1 - (1 - 0.9) * 2 / 2
