@@ -126,3 +126,30 @@ def test_grey_data_print_one_line_and_do_not_fail(tmp_path, capsys):
   assert capsys.readouterr().out == ""
   with pytest.raises(ValueError, match="does not apply"):
     colour_probe.evaluate(exp.method, {}, {}, exp.dataset, exp.config)
+
+
+@pytest.mark.slow  # a 2-step training run, two class probes and two colour probes (~1 minute)
+def test_training_and_restore_for_eval_run_the_probe_on_colour_data(tmp_path, capsys):
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+  import digits  # pylint: disable=g-import-not-at-top  (configs/digits.py)
+  from metaug_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
+  from metaug_jax import train  # pylint: disable=g-import-not-at-top
+  data = _dataset(3, n=120)
+  np.savez(tmp_path / "rgb.npz", x=data.pretrain_images,
+           y=np.random.RandomState(0).randint(0, 3, 120))
+  c = digits.get_config("simsiam,tiny")
+  c.dataset, c.data_dir, c.data.views = "npz", str(tmp_path / "rgb.npz"), "simclr"
+  c.num_train_steps, c.batch_size, c.eval.probe_epochs = 2, 16, 2
+  c.eval.monitor_every_steps, c.eval.plots = 0, False
+  c.eval.colour_probe, c.eval.colour_probe_examples = True, 64
+  run = tmp_path / "run"
+  train.train_and_evaluate(c, str(run))
+  assert "colour probe: 10-bin" in capsys.readouterr().out
+  trained = json.load(open(run / "colour_probe_step_2.json"))
+  assert set(trained) == {"conv", "fc"}
+  os.remove(run / "colour_probe_step_2.json")
+  eval_lib.evaluate_workdir(str(run), overrides={"eval.colour_probe": True})
+  assert "colour probe: 10-bin" in capsys.readouterr().out
+  assert json.load(open(run / "colour_probe_step_2.json")) == trained   # same seed and state
