@@ -307,3 +307,29 @@ def test_byol_and_barlow_hai_train_on_four_devices_like_on_one(method):
     assert "target_heads" not in new.opt_state
   else:
     assert "predictor" not in new.params
+
+
+def test_benchmark_times_each_hai_method_beside_its_plain_baseline(monkeypatch):
+  """The methods section's plan puts every *_hai row right after its baseline (none on the
+  AlexNet, pairs on resnet18), and the report divides their step times ("vs plain")."""
+  monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "experiments"))
+  plan, report = importlib.import_module("benchmark_plan"), importlib.import_module(
+      "benchmark_report")
+  todo = plan.plan({"methods"}, ["digits_conv", "alexnet_small", "resnet18"], {}, 1, 0, 1,
+                   [1], "digits_conv", 128, ["cmc"], 0)
+  rows = {e: [s.method for s in todo if s.encoder == e]
+          for e in ("digits_conv", "alexnet_small", "resnet18")}
+  for hai, base in plan.HAI_BASELINES.items():
+    names = rows["digits_conv"]
+    assert names.index(hai) == names.index(base) + 1
+    assert hai not in rows["alexnet_small"] and base in rows["alexnet_small"]
+  assert rows["resnet18"] == ["simsiam", "simsiam_hai", "byol", "byol_hai", "barlow_twins",
+                              "barlow_hai"]
+  result = lambda step_s: {"views": 2, "step_s": step_s, "temp_mib": 1.0, "peak_rss_mib": 1.0,
+                           "lower_s": 0.5, "compile_s": 0.5}
+  measured = [(plan.Setting("methods", "resnet18", m, 32), result(t))
+              for m, t in (("simsiam", 0.4), ("simsiam_hai", 1.0), ("byol_hai", 2.0))]
+  table = "\n".join(report._methods_table(measured))
+  assert "| simsiam_hai | 2 | 1.000 | – | 2.50x simsiam |" in table
+  assert "| byol_hai | 2 | 2.000 | – | – |" in table            # its baseline did not run
