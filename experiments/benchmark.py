@@ -10,6 +10,8 @@ one JSON file:
   python experiments/benchmark.py --only=anchor --json_out=/tmp/anchor.json   # paper anchor
   python experiments/benchmark.py --only=steps --encoders=digits_conv --steps=3  # quick look
   python experiments/benchmark.py --only=anchor --methods=cmc,metaug_fused  # some steps only
+  python experiments/benchmark.py --only=methods --encoders=digits_conv,resnet18 \
+      --methods=simsiam,simsiam_hai,byol,byol_hai,barlow_twins,barlow_hai   # HAI beside plain
 
 Sections (`--only`, comma-separated; default all):
   steps    each encoder at a few batch sizes: `cmc` (the plain contrastive step; also
@@ -34,7 +36,10 @@ Sections (`--only`, comma-separated; default all):
   methods  every registered method (metaug_jax/methods/, the paper's baselines included) on
            the digits encoder and the 32x32 AlexNet, each with its config variant (the
            Siamese baselines: two RGB crops through one shared encoder), with its step time
-           and memory as a ratio to the plain `cmc` step on the same encoder and batch.
+           and memory as a ratio to the plain `cmc` step on the same encoder and batch; each
+           hierarchical-augmentation method (simsiam_hai, byol_hai, barlow_hai) right after
+           its plain baseline with their step-time ratio, on the digits encoder and (pairs
+           only, batch 32) on resnet18 at 32x32; `--methods` keeps some rows only.
 
 Per setting: lower and compile time of the pmapped step (`.lower().compile()`; the compiled
 executable is what runs afterwards, so nothing compiles twice), the median seconds per step
@@ -76,7 +81,8 @@ def parse_args(argv=None):
                  help="comma list of sections: steps, anchor, scaling, parts, methods")
   p.add_argument("--encoders", default=",".join(ENCODERS), help="comma list of encoders")
   p.add_argument("--methods", default="",
-                 help="only these steps in the steps/anchor sections, e.g. 'cmc,metaug_fused' "
+                 help="only these steps in the steps/anchor/methods sections, e.g. "
+                      "'cmc,metaug_fused' "
                       f"(default: the plain steps and {', '.join(STEP_METHODS)})")
   p.add_argument("--batches", default="",
                  help="per-encoder batches, e.g. 'digits_conv=64/128;alexnet_small=32'")
@@ -122,7 +128,7 @@ def main(argv=None) -> None:
               args.scaling_batch, args.scaling_methods.split(","), accel, overrides)
   if args.methods:
     keep = set(args.methods.split(","))
-    todo = [s for s in todo if s.kind not in ("steps", "anchor") or s.method in keep]
+    todo = [s for s in todo if s.kind not in ("steps", "anchor", "methods") or s.method in keep]
   results = {}
   if args.resume and args.json_out and os.path.exists(args.json_out):
     results = {k: v for k, v in json.load(open(args.json_out))["results"].items()

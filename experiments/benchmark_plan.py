@@ -47,6 +47,13 @@ ANCHOR_EXTRA_METHODS = ("metaug_fused_remat", "metaug_lean", "metaug_fused_lean"
                         "metaug_fused_ynnpack", "cmc_ynnpack")
 ANCHOR = {"encoder": "alexnet_half", "batch": 64, "negatives": 1024, "bank_rows": 5000}
 METHODS_SETTINGS = (("digits_conv", 128), ("alexnet_small", 64))  # the methods section
+# Hierarchical augmentation invariance (docs/hierarchical_augmentation.md): each method's row
+# follows its plain baseline's, and the report gives their step-time ratio. Its multi-exit
+# backbones exist for the digits net and ResNet-18 (no AlexNet), so the pairs also run on
+# resnet18, where the two share the trunk.
+HAI_BASELINES = {"simsiam_hai": "simsiam", "byol_hai": "byol", "barlow_hai": "barlow_twins"}
+HAI_ENCODERS = ("digits_conv", "resnet18")
+HAI_SETTINGS = (("resnet18", 32),)    # pairs only (besides their rows in METHODS_SETTINGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +99,24 @@ def plain_methods(encoder: str) -> tuple:
   return PLAIN_METHODS.get(encoder, ("cmc",))
 
 
+def hai_of(baseline: str) -> str:
+  """The hierarchical-augmentation method built on `baseline`."""
+  return next(m for m, b in HAI_BASELINES.items() if b == baseline)
+
+
+def methods_rows(names: tuple, encoder: str) -> tuple:
+  """The methods section's rows on `encoder`: `names` in order, each *_hai method moved
+  right after its plain baseline, and left out where it has no multi-exit backbone."""
+  out = []
+  for name in names:
+    if name in HAI_BASELINES:
+      continue
+    out.append(name)
+    if name in HAI_BASELINES.values() and encoder in HAI_ENCODERS:
+      out.append(hai_of(name))
+  return tuple(out)
+
+
 def plan(sections, encoders, batches, steps: int, warmup: int, anchor_steps: int,
          scaling_devices, scaling_encoder: str, scaling_batch: int, scaling_methods,
          accelerator_count: int, overrides: tuple = ()) -> list:
@@ -120,9 +145,12 @@ def plan(sections, encoders, batches, steps: int, warmup: int, anchor_steps: int
                             overrides=overrides))
   if "methods" in sections:
     from metaug_jax.methods import registry  # pylint: disable=g-import-not-at-top
-    for encoder, batch in METHODS_SETTINGS:
+    every = ("cmc",) + tuple(m for m in registry.names() if m != "cmc")
+    pairs = tuple(m for base in HAI_BASELINES.values() for m in (base, hai_of(base)))
+    for encoder, batch in METHODS_SETTINGS + HAI_SETTINGS:
       if encoder in encoders:
-        for method in ("cmc",) + tuple(m for m in registry.names() if m != "cmc"):
+        names = pairs if (encoder, batch) in HAI_SETTINGS else methods_rows(every, encoder)
+        for method in names:
           todo.append(Setting("methods", encoder, method, batch, warmup=warmup, steps=steps,
                               overrides=overrides))
   if "parts" in sections:

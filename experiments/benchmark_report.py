@@ -2,7 +2,7 @@
 
 import platform
 
-from benchmark_plan import ANCHOR, STEP_VARIANTS, Setting, overrides_suffix
+from benchmark_plan import ANCHOR, HAI_BASELINES, STEP_VARIANTS, Setting, overrides_suffix
 
 # The authors' PyTorch code on a 2-core CPU machine (the brief's reference measurements).
 PAPER = {
@@ -78,10 +78,12 @@ def _ratio_table(rows) -> list:
 
 
 def _methods_table(rows) -> list:
-  """A row per method: step time and memory, and their ratios to cmc's on the same setting."""
+  """A row per method: step time and memory, and their ratios to cmc's on the same setting;
+  a *_hai row's step time also as a ratio to its plain baseline's ("vs plain")."""
   cmc = {(s.encoder, s.batch): r for s, r in rows if s.method == "cmc" and "error" not in r}
-  head = ["encoder", "batch", "method", "views", "s / step", "step / cmc", "XLA temp MiB",
-          "temp / cmc", "peak RSS MiB", "RSS / cmc", "compile s"]
+  ok = {(s.encoder, s.batch, s.method): r for s, r in rows if "error" not in r}
+  head = ["encoder", "batch", "method", "views", "s / step", "step / cmc", "vs plain",
+          "XLA temp MiB", "temp / cmc", "peak RSS MiB", "RSS / cmc", "compile s"]
   lines = _table_head(head)
   ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "–"
   for s, r in rows:
@@ -89,9 +91,12 @@ def _methods_table(rows) -> list:
       lines.append(f"| {s.encoder} | {s.batch} | {s.label} | error: {r['error'][:200]} |")
       continue
     base = cmc.get((s.encoder, s.batch), {})
+    plain = ok.get((s.encoder, s.batch, HAI_BASELINES.get(s.method)), {})
+    vs_plain = (f"{ratio(r['step_s'], plain.get('step_s'))} {HAI_BASELINES[s.method]}"
+                if plain else "–")
     lines.append("| " + " | ".join([
         s.encoder, str(s.batch), s.label, str(r["views"]), _s(r["step_s"]),
-        ratio(r["step_s"], base.get("step_s")), _f(r["temp_mib"], ".0f"),
+        ratio(r["step_s"], base.get("step_s")), vs_plain, _f(r["temp_mib"], ".0f"),
         ratio(r["temp_mib"], base.get("temp_mib")), _f(r["peak_rss_mib"], ".0f"),
         ratio(r["peak_rss_mib"], base.get("peak_rss_mib")),
         _f(r["lower_s"] + r["compile_s"], ".1f")]) + " |")
@@ -271,7 +276,14 @@ def render_markdown(results: dict, meta: dict) -> str:
             "baselines. The Siamese baselines (moco, byol, simsiam, barlow_twins) and simclr "
             "contrast two views through one shared encoder, cmc and MetAug one encoder per "
             "view (3 Lab views on the AlexNet), so the ratios to `cmc` compare whole methods "
-            "as a user would run them, not equal networks.", "", *_methods_table(by_method), ""]
+            "as a user would run them, not equal networks. `vs plain`: a hierarchical "
+            "augmentation row's step time over its plain baseline's (simsiam_hai / simsiam, "
+            "byol_hai / byol, barlow_hai / barlow_twins; docs/hierarchical_augmentation.md "
+            "§7): on digits_conv the *_hai rows run the multi-exit digits net "
+            "(`configs/digits.py:NAME`), on resnet18 both rows the same CIFAR ResNet-18 "
+            "trunk at 32x32 (`configs/cifar10.py:small,NAME` with model.encoder=resnet18), "
+            "the *_hai rows with their 2048-wide exit heads.", "",
+            *_methods_table(by_method), ""]
   parts = pick("parts")
   if parts:
     out += ["## Where a MetAug step's time goes", "",

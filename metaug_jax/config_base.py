@@ -179,6 +179,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.monitor_examples = 512  # test examples the online monitor classifies
   c.eval.plots = True            # PNG diagnostics in the workdir at the end of training
   c.eval.tsne_max_points = 1000  # test points in the 2-D embedding plot
+  c.eval.colour_probe = False    # also the colour-prediction probe (RGB data only)
+  c.eval.colour_probe_examples = 10000  # train / test images it uses at most, each (0: all)
 
   # ---- each method's own section (moco, byol, ...), defined with the method ----------------
   from metaug_jax.methods import registry  # pylint: disable=g-import-not-at-top

@@ -171,6 +171,7 @@ FIELDS: dict[str, Union[Range, Choice]] = {
     "eval.monitor_every_steps": _int(0),
     "eval.monitor_examples": _int(2),        # score histograms need a negative pair
     "eval.tsne_max_points": _int(0),
+    "eval.colour_probe_examples": _int(0),
 }
 FREE_TEXT = ("data_dir", "data.test_file")
 

@@ -169,6 +169,8 @@ def evaluate_workdir(workdir: str, config=None, step: int = 0, overrides=None) -
   results = probe_and_knn(exp, state)
   print(format_table(results, f"{title} ({config.dataset}, {config.method}, "
                               f"step {int(state.step)})"), flush=True)
+  from metaug_jax.evaluation import colour_probe  # eval.colour_probe: prints, writes its JSON
+  colour_probe.run_if_enabled(exp, state, workdir)
   name = ("probe_random_init.json" if config.eval.random_init
           else f"eval_step_{int(state.step)}.json")
   with open(os.path.join(workdir, name), "w") as f:

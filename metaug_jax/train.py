@@ -30,7 +30,7 @@ from metaug_jax import xla_runtime
 from metaug_jax.data import loader as loader_lib
 from metaug_jax.data import sources
 from metaug_jax.data import views as views_lib
-from metaug_jax.evaluation import linear_probe
+from metaug_jax.evaluation import colour_probe, linear_probe
 from metaug_jax.evaluation import monitor as monitor_lib
 from metaug_jax.evaluation import plots
 
@@ -394,4 +394,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   exp, state = train(config, workdir, exp)
   if not config.eval.probe_after_training:
     return {}
-  return evaluate_state(exp, state, workdir)
+  results = evaluate_state(exp, state, workdir)
+  colour_probe.run_if_enabled(exp, state, workdir)  # eval.colour_probe: prints, writes its JSON
+  return results

@@ -1,7 +1,9 @@
 """Hierarchical augmentation invariance: the add-one pipelines apply exactly their exit's ops
 and record the jitter parameters, exit s runs no later stage, the loss is the sum of the
-per-exit losses, the probe reads the last exit only, and 4 devices train like one."""
+per-exit losses, the probe reads the last exit only, 4 devices train like one, and the config
+variants carry each data set's recipe."""
 
+import importlib
 import os
 import sys
 
@@ -144,7 +146,7 @@ def test_gaussian_blur_matches_numpy():
 @pytest.mark.parametrize("arch,stage_convs,stem", [("digits", (1, 1, 1, 1), 0),
                                                    ("resnet18", (4, 5, 5, 5), 1)])
 def test_exit_s_runs_no_stage_beyond_s(arch, stage_convs, stem):
-  m = multi_exit.MultiExitEncoder(arch=arch, width=0.125)
+  m = multi_exit.MultiExitEncoder(arch=arch, width=0.125, depthwise="xla")   # convs counted
   x = jnp.ones((2, 16, 16, 3))
   shapes = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x, (1, 2, 3, 4),
                                          method=m.all_exits))
@@ -159,6 +161,56 @@ def test_exit_s_runs_no_stage_beyond_s(arch, stage_convs, stem):
   only_two = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x, (2,),
                                            method=m.all_exits))["params"]
   assert not any(k.startswith(("stage3", "stage4", "exit1", "exit3")) for k in only_two)
+
+
+RECIPES = {  # (backbone, px, blur kernel, batch, epochs, lr, weight decay) per config file
+    "cifar10": ("resnet18", 32, 0, 512, 800, 0.06, 5e-4),
+    "stl10": ("resnet50", 224, 23, 256, 200, 0.05, 1e-4),
+    "tiny_imagenet": ("resnet50", 224, 23, 256, 200, 0.05, 1e-4),
+    "fashion_mnist": ("digits", 28, 0, 256, 20, 0.03, 1e-4),
+    "digits": ("digits", 16, 0, 128, 40, 0.03, 1e-4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_config_variants_have_the_recipe_and_validate(name):
+  """configs/NAME.py:METHOD for the three methods: the recipe of the data set, four exits,
+  and a config that config_check accepts (nothing trains)."""
+  from metaug_jax import config_check
+  module = importlib.import_module(name)
+  for method in ("simsiam_hai", "byol_hai", "barlow_hai"):
+    c = module.get_config(method)
+    c.data_dir = "/data"                            # tiny_imagenet reads local files
+    config_check.validate(c, 4)
+    s = H.pipeline_spec(c.hai, c.data, 4)
+    got = (hai_method.backbone_arch(c), c.data.input_size, H.stage_ops(s, 4).blur_kernel,
+           c.batch_size, c.num_epochs, c.optim.lr, c.optim.weight_decay)
+    assert got[:5] == RECIPES[name][:5], got
+    np.testing.assert_allclose(got[5:], RECIPES[name][5:], rtol=1e-12)
+    assert c.method == method and c.hai.exits == (1, 2, 3, 4) and c.model.share_encoder
+    assert H.stage_ops(s, 4).blur_probability == (0.5 if got[2] else 0.0)
+    assert c.hai.fix_predictor_lr == (method == "simsiam_hai") or method == "barlow_hai"
+    if name in ("cifar10", "stl10", "tiny_imagenet"):
+      assert (c.model.embedding_dim, c.hai.embed_dim, c.hai.predictor_hidden) == (2048, 512, 512)
+      assert c.hai.projector_layers == (2 if name == "cifar10" else 3)
+    else:   # grey data: flip at the last exit only where the data set allows flipping
+      assert c.hai.flip_from == (4 if c.data.flip else 0)
+
+
+def test_shifted_depthwise_conv_equals_the_grouped_convolution():
+  """Same parameters, values and gradients as XLA's grouped convolution (the CPU default);
+  a stride-2 SepConv on an odd-sized map has a stride-2 and a stride-1 depthwise conv."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 7, 5))
+  convs = [multi_exit.SepConv(6, strides=2, depthwise=d) for d in ("xla", "shifted")]
+  variables = convs[0].init(jax.random.PRNGKey(1), x, False)
+  assert jax.tree.structure(variables) == jax.tree.structure(
+      convs[1].init(jax.random.PRNGKey(1), x, False))
+  def loss(c):
+    return lambda v, x: jnp.sum(jnp.sin(c.apply(v, x, True, mutable=["batch_stats"])[0]))
+  (want, want_grads), (got, got_grads) = (
+      jax.jit(jax.value_and_grad(loss(c), argnums=(0, 1)))(variables, x) for c in convs)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert max_diff(got_grads, want_grads) < 1e-4
 
 
 def tiny(method, **overrides):
@@ -232,14 +284,20 @@ def test_probe_reads_only_the_last_exit(simsiam_runs):
   assert max_diff(base["conv"], features(deep, state.batch_stats, views)["conv"]) > 1e-3
 
 
-@pytest.mark.slow  # two more train-step compilations (~1 minute on a busy 2-core CPU)
+@pytest.mark.slow  # four more train-step compilations (~2 minutes on a busy 2-core CPU)
 @pytest.mark.parametrize("method", ["byol_hai", "barlow_hai"])
-def test_byol_and_barlow_hai_train(method):
+def test_byol_and_barlow_hai_train_on_four_devices_like_on_one(method):
   config = tiny(method, **{"hai.base_decay": 0.9})
   _, states, metrics = run(config, 4, 1)
+  _, one, one_metrics = run(config, 1, 1)
   m = metrics[0]
   assert np.isfinite(float(m["loss"]))
   np.testing.assert_allclose(m["loss"], m["loss_exit3"] + m["loss_exit4"], rtol=1e-5)
+  np.testing.assert_allclose(one_metrics[0]["loss"], m["loss"], rtol=1e-4)
+  # Barlow Twins' cross-correlation and the BatchNorms span the global batch: the two runs
+  # differ by float32 summation order only (2e-5 seen), far below the step's update.
+  update = max_diff(one[0].params, one[1].params)
+  assert max_diff(one[-1].params, states[-1].params) < 1e-4 * max(1.0, update), update
   old, new = states
   if method == "byol_hai":   # the target includes the exits' projectors
     tau = 1 - (1 - 0.9) * 2 / 2
@@ -250,3 +308,29 @@ def test_byol_and_barlow_hai_train(method):
     assert "target_heads" not in new.opt_state
   else:
     assert "predictor" not in new.params
+
+
+def test_benchmark_times_each_hai_method_beside_its_plain_baseline(monkeypatch):
+  """The methods section's plan puts every *_hai row right after its baseline (none on the
+  AlexNet, pairs on resnet18), and the report divides their step times ("vs plain")."""
+  monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "experiments"))
+  plan, report = importlib.import_module("benchmark_plan"), importlib.import_module(
+      "benchmark_report")
+  todo = plan.plan({"methods"}, ["digits_conv", "alexnet_small", "resnet18"], {}, 1, 0, 1,
+                   [1], "digits_conv", 128, ["cmc"], 0)
+  rows = {e: [s.method for s in todo if s.encoder == e]
+          for e in ("digits_conv", "alexnet_small", "resnet18")}
+  for hai, base in plan.HAI_BASELINES.items():
+    names = rows["digits_conv"]
+    assert names.index(hai) == names.index(base) + 1
+    assert hai not in rows["alexnet_small"] and base in rows["alexnet_small"]
+  assert rows["resnet18"] == ["simsiam", "simsiam_hai", "byol", "byol_hai", "barlow_twins",
+                              "barlow_hai"]
+  result = lambda step_s: {"views": 2, "step_s": step_s, "temp_mib": 1.0, "peak_rss_mib": 1.0,
+                           "lower_s": 0.5, "compile_s": 0.5}
+  measured = [(plan.Setting("methods", "resnet18", m, 32), result(t))
+              for m, t in (("simsiam", 0.4), ("simsiam_hai", 1.0), ("byol_hai", 2.0))]
+  table = "\n".join(report._methods_table(measured))
+  assert "| simsiam_hai | 2 | 1.000 | – | 2.50x simsiam |" in table
+  assert "| byol_hai | 2 | 2.000 | – | – |" in table            # its baseline did not run

@@ -1,5 +1,5 @@
 """Add-one augmentation pipelines of hierarchical augmentation invariance (Zhang & Ma, CVPR
-2022, Sec. 3.1; docs/hierarchical_augmentation.md): one view pair per encoder exit, plus
+2022, Fig. 3a; docs/hierarchical_augmentation.md): one view pair per encoder exit, plus
 each view's colour-jitter parameters for the expanded views.
 
 Exit s's views get crop + colour jitter, then the ops whose first exit is <= s (released
@@ -100,7 +100,7 @@ def pipeline_spec(hai_config, data_config, deepest_exit: int) -> PipelineSpec:
 
 
 def stage_ops(spec: PipelineSpec, exit_: int) -> StageOps:
-  """The ops of exit `exit_`'s views under the spec's schedule (Sec. 3.1 and the supplement's
+  """The ops of exit `exit_`'s views under the spec's schedule (Fig. 3a and the supplement's
   diagnostic baselines)."""
   def enabled(first: int) -> bool:
     if first <= 0:

@@ -5,8 +5,8 @@ Each image gives one view pair per exit s of a multi-exit backbone (add-one pipe
 `data/hierarchical.py`); exit s's pair is pushed through stages 1..s only, its pooled features
 are expanded with the embeddings of each view's colour-jitter parameters (exits in
 `hai.embed_exits`) and go through exit s's own projector (and predictor). The loss is the sum
-of one base-method loss per exit, L = sum_s L_s with equal weights (their Eq. 3):
-  simsiam_hai: L_s = D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2 (Chen & He 2021, Eq. 2);
+of one base-method loss per exit, L = sum_s L_s with equal weights (their Fig. 3c):
+  simsiam_hai: L_s = D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2 (Chen & He 2021, Eq. 4);
   byol_hai:    L_s = |p1 - sg(z'2)|^2 + |p2 - sg(z'1)|^2 normalised (Grill et al. 2020,
                Eq. 2), the target an EMA of the backbone *and* the exits' projectors;
   barlow_hai:  L_s = scale * [sum_i (1 - C_ii)^2 + lambda sum_{i!=j} C_ij^2] (Zbontar et al.
@@ -113,27 +113,61 @@ def check(name: str):
 
 
 def variant(config: ml_collections.ConfigDict) -> None:
-  """A dataset config made these methods' setup: two shared-encoder eval views; on digits
-  a small head and no flip (unless data.flip); on the paper's datasets the authors' ImageNet
-  recipe (ResNet-50 at 224 px, 200 epochs, batch 256, lr 0.05 B/256, wd 1e-4)."""
+  """A dataset config made these methods' setup (docs/hierarchical_augmentation.md §9): two
+  shared-encoder eval views, then the recipe for its data. Small grey data (the digits_conv
+  configs: digits, Fashion-MNIST): the multi-exit digits net, a 64-wide augmentation embedding,
+  flip only where data.flip allows it. CIFAR-10/100: native 32 px (blur off, as the released
+  code switches it), CIFAR ResNet-18 and SimSiam's CIFAR recipe (Chen & He 2021, App. D).
+  Other data (STL-10, Tiny ImageNet, folders): the authors' ImageNet recipe, ResNet-50 at
+  224 px. Four exits (S = 4) with colour embeddings at exits 2-4 everywhere."""
   siamese.two_view_variant(config)
+  if config.model.encoder == "digits_conv":
+    config.hai.embed_dim = 64
+    config.hai.flip_from = 4 if config.data.flip else 0
+  elif config.dataset in ("cifar10", "cifar100"):
+    _cifar_recipe(config)
+  else:
+    _imagenet_recipe(config)
+
+
+def _paper_heads(config, projector_layers: int) -> None:
+  """The released heads: 2048-wide projections, 512-wide predictor and embeddings."""
   h = config.hai
-  if config.dataset == "digits":
-    h.embed_dim = 64
-    h.flip_from = 4 if config.data.flip else 0
-    return
-  h.backbone = "resnet50"
-  config.model.encoder = "resnet18"   # unused by these methods (hai.backbone decides)
+  h.exits, h.embed_exits = (1, 2, 3, 4), (2, 3, 4)
   config.model.embedding_dim = 2048
-  h.embed_dim, h.projector_layers, h.projector_hidden, h.predictor_hidden = 512, 3, 2048, 512
+  h.embed_dim, h.projector_layers, h.projector_hidden, h.predictor_hidden = (
+      512, projector_layers, 2048, 512)
   config.data.crop_scale = (0.2, 1.0)
   config.data.flip = True
+  config.optim.momentum = 0.9
+
+
+def _cifar_recipe(config) -> None:
+  """32 px, CIFAR ResNet-18, 2-layer projector; batch 512, lr 0.03 B/256, wd 5e-4, 800
+  epochs (SimSiam's CIFAR recipe); step decay at 60% and 80% in place of the cosine."""
+  _paper_heads(config, projector_layers=2)
+  config.hai.backbone = config.model.encoder = "resnet18"
+  config.data.input_size = 32
+  config.batch_size = 512
+  config.num_epochs = 800
+  config.optim.lr = 0.03 * config.batch_size / 256
+  config.optim.weight_decay = 5e-4
+  config.optim.lr_decay_epochs = (480, 640)
+
+
+def _imagenet_recipe(config) -> None:
+  """224 px, ResNet-50, 3-layer projector; batch 256, lr 0.05 B/256, wd 1e-4, 200 epochs
+  (zhangjb416/Hierarchical-Augmentation, main_train.py); step decay at 60% and 80% in place
+  of the cosine."""
+  _paper_heads(config, projector_layers=3)
+  config.hai.backbone = "resnet50"
+  config.model.encoder = "resnet18"   # unused by these methods (hai.backbone decides)
+  config.data.input_size = 224
   config.batch_size = 256
   config.num_epochs = 200
   config.optim.lr = 0.05 * config.batch_size / 256
-  config.optim.momentum = 0.9
   config.optim.weight_decay = 1e-4
-  config.optim.lr_decay_epochs = (120, 160)   # our step decay in place of their cosine
+  config.optim.lr_decay_epochs = (120, 160)
 
 
 class HierarchicalMethod(base.Method):

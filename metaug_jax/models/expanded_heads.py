@@ -1,4 +1,4 @@
-"""Per-exit heads of expanded views (Zhang & Ma, CVPR 2022, Sec. 3.3;
+"""Per-exit heads of expanded views (Zhang & Ma, CVPR 2022, Fig. 3c;
 docs/hierarchical_augmentation.md): an augmentation embedder e_s (Linear(4 -> E) -> BN ->
 ReLU) whose output is concatenated to the exit's feature, u = [h_s(x) || e_s(a)], then the
 exit's own projector (the exits' predictors are `heads.PredictorMLP`s).

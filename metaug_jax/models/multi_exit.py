@@ -1,4 +1,4 @@
-"""A backbone with one exit per depth stage (Zhang & Ma, CVPR 2022, Sec. 3.2;
+"""A backbone with one exit per depth stage (Zhang & Ma, CVPR 2022, Fig. 3b;
 docs/hierarchical_augmentation.md): `__call__(x, exit=s)` runs the stem and stages 1..s only
 and returns a pooled feature of the last stage's width from every exit.
 
@@ -12,6 +12,10 @@ Architectures: "resnet18" (CIFAR stem: 3x3 conv, no max pool; BasicBlocks [2, 2,
 "resnet50" (ImageNet stem: 7x7/2 conv + 3x3/2 max pool; bottlenecks [3, 4, 6, 3], expansion
 4, last BN of each block zero-initialised) and "digits" (a small CPU net: one 3x3 conv block
 per stage, 16/32/64/128 channels, strides 1/2/2/2).
+
+The exit heads' depthwise convs run as shifted multiply-adds on CPU (`depthwise="auto"`),
+where XLA's grouped convolution and its gradients are several times slower; same parameters
+and values as the grouped convolution used elsewhere.
 """
 
 from typing import Any, Optional
@@ -27,6 +31,7 @@ from metaug_jax.models.layers import (ConvBNReLU, batch_norm, conv, max_pool, ou
 
 Dtype = Any
 ARCHS = ("digits", "resnet18", "resnet50")
+DEPTHWISE = ("auto", "xla", "shifted")   # how the exit heads' depthwise convs are computed
 NUM_STAGES = 4
 _CHANNELS = {"digits": (16, 32, 64, 128), "resnet18": (64, 128, 256, 512),
              "resnet50": (64, 128, 256, 512)}
@@ -50,21 +55,61 @@ def feature_dim(arch: str, width: float) -> int:
   return stage_channels(arch, width)[-1] * _EXPANSION[arch]
 
 
+def shifted_depthwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                           rhs_dilation=None, dimension_numbers=None,
+                           feature_group_count: int = 1, precision=None,
+                           preferred_element_type=None):
+  """`lax.conv_general_dilated` of an NHWC depthwise conv (kernel (kh, kw, 1, C), C groups)
+  as kh * kw shifted, strided multiply-adds: the same values, for
+  `nn.Conv(conv_general_dilated=...)`. XLA:CPU runs its grouped convolution and their
+  gradients several times slower than these elementwise ops."""
+  del precision   # elementwise products: exact in the compute dtype
+  c = lhs.shape[-1]
+  trivial = all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+  nhwc = dimension_numbers in (None, ("NHWC", "HWIO", "NHWC")) or \
+      jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == \
+      jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+  if not (lhs.ndim == 4 and feature_group_count == c and rhs.shape[2:] == (1, c) and trivial
+          and nhwc and preferred_element_type is None):
+    raise ValueError("shifted_depthwise_conv computes 2-D NHWC depthwise convs only")
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+  (top, bottom), (left, right) = padding
+  x = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  (kh, kw), (sh, sw) = rhs.shape[:2], window_strides
+  ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+  return sum(x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :] * rhs[i, j, 0]
+             for i in range(kh) for j in range(kw))
+
+
+def resolve_depthwise(choice: str) -> str:
+  """"auto": shifted multiply-adds on CPU, XLA's grouped convolution elsewhere."""
+  if choice not in DEPTHWISE:
+    raise ValueError(f"depthwise must be one of {DEPTHWISE}, got {choice!r}")
+  if choice == "auto":
+    return "shifted" if jax.default_backend() == "cpu" else "xla"
+  return choice
+
+
 class SepConv(nn.Module):
   """depthwise 3x3 (stride) -> 1x1 -> BN -> ReLU -> depthwise 3x3 -> 1x1 (to `features`) ->
-  BN -> ReLU (the exit heads' block)."""
+  BN -> ReLU (the exit heads' block). `depthwise` (DEPTHWISE) picks how the depthwise convs
+  are computed; parameters and values are the same either way."""
   features: int
   strides: int = 1
   axis_name: Optional[str] = None
   dtype: Dtype = jnp.float32
+  depthwise: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     c = x.shape[-1]
+    shifted = resolve_depthwise(self.depthwise) == "shifted"
     def depthwise(strides, name):
       return nn.Conv(c, (3, 3), strides=(strides, strides), padding=((1, 1), (1, 1)),
                      feature_group_count=c, use_bias=False, dtype=self.dtype,
-                     param_dtype=jnp.float32, kernel_init=torch_kernel_init, name=name)
+                     param_dtype=jnp.float32, kernel_init=torch_kernel_init, name=name,
+                     conv_general_dilated=shifted_depthwise_conv if shifted else None)
     x = depthwise(self.strides, "dw1")(x)
     x = conv(c, 1, c, padding=0, dtype=self.dtype, name="pw1")(x)
     x = nn.relu(batch_norm(train, self.axis_name, self.dtype, name="bn1")(x))
@@ -81,10 +126,11 @@ class ExitHead(nn.Module):
   out_features: int
   axis_name: Optional[str] = None
   dtype: Dtype = jnp.float32
+  depthwise: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    kw = dict(axis_name=self.axis_name, dtype=self.dtype)
+    kw = dict(axis_name=self.axis_name, dtype=self.dtype, depthwise=self.depthwise)
     h = conv(self.mid, 1, x.shape[-1], padding=0, dtype=self.dtype, name="prep")(x)
     h = nn.relu(batch_norm(train, self.axis_name, self.dtype, name="prep_bn")(h))
     g = SepConv(self.mid, strides=2, name="gate", **kw)(h, train)
@@ -136,6 +182,7 @@ class MultiExitEncoder(nn.Module):
   width: float = 1.0
   axis_name: Optional[str] = None
   dtype: Dtype = jnp.float32
+  depthwise: str = "auto"        # the exit heads' depthwise convs (DEPTHWISE)
 
   @nn.compact
   def __call__(self, x: jax.Array, exit_: int, train: bool) -> jax.Array:
@@ -170,7 +217,8 @@ class MultiExitEncoder(nn.Module):
       pooled = jnp.mean(h.astype(output_dtype(h.dtype)), axis=(1, 2))
     else:
       pooled = ExitHead(mid=channels[exit_ - 1], num_blocks=NUM_STAGES - exit_,
-                        out_features=out_dim, name=f"exit{exit_}_head", **kw)(h, train)
+                        out_features=out_dim, depthwise=self.depthwise,
+                        name=f"exit{exit_}_head", **kw)(h, train)
     chex.assert_shape(pooled, (x.shape[0], out_dim))
     return pooled.astype(output_dtype(self.dtype))
 
