@@ -2,7 +2,7 @@
 
 Order of work: validate config -> load data -> build method -> init or resume state (from
 the newest intact checkpoint) -> pmapped, finite-guarded steps with progress, JSON-lines
-metrics and periodic checkpoints -> final checkpoint -> linear probe on the frozen encoder.
+metrics and periodic checkpoints -> final checkpoint -> probes of the frozen encoder.
 
 Long runs stop safely: Ctrl-C and SIGTERM save the last finished step (Interrupted); a NaN
 or inf anywhere in a step's metrics or updated state stops the run before it is checkpointed
@@ -30,9 +30,8 @@ from metaug_jax import xla_runtime
 from metaug_jax.data import loader as loader_lib
 from metaug_jax.data import sources
 from metaug_jax.data import views as views_lib
-from metaug_jax.evaluation import linear_probe
 from metaug_jax.evaluation import monitor as monitor_lib
-from metaug_jax.evaluation import plots
+from metaug_jax.evaluation import plots, probes
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -364,12 +363,13 @@ def _alive(state) -> bool:
 
 
 def evaluate_state(exp: Experiment, state, workdir: Optional[str] = None,
-                   title: str = "linear probe") -> dict:
-  """Linear probe of a state's frozen encoder; prints a table and writes probe JSON."""
+                   title: str = "linear probes and kNN") -> dict:
+  """Every probe of a state's frozen encoder (evaluation/probes.py: linear with all and few
+  labels, validation-selected, kNN); prints a table and writes probe_step_N.json."""
   params, stats = jax.device_get((state.params, state.batch_stats))
-  results = linear_probe.evaluate(exp.method, params, stats, exp.dataset, exp.config)
-  print(linear_probe.format_table(results, f"{title} ({exp.config.dataset}, "
-                                           f"{exp.config.method}, step {int(state.step)})"),
+  results = probes.evaluate(exp.method, params, stats, exp.dataset, exp.config, exp.devices)
+  print(probes.format_results(results, f"{title} ({exp.config.dataset}, "
+                                       f"{exp.config.method}, step {int(state.step)})"),
         flush=True)
   if workdir and jax.process_index() == 0:
     with open(os.path.join(workdir, f"probe_step_{int(state.step)}.json"), "w") as f:
@@ -378,7 +378,7 @@ def evaluate_state(exp: Experiment, state, workdir: Optional[str] = None,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Pre-train, checkpoint, then linear-probe; returns the probe results (or {})."""
+  """Pre-train, checkpoint, then probe (evaluate_state); returns the probe results (or {})."""
   exp = build_experiment(config)
   config_check.validate_probe_data(config, exp.dataset)  # before training, not after it
   exp, state = train(config, workdir, exp)
