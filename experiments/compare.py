@@ -174,12 +174,6 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"--probes: unknown {', '.join(unknown)}; use any of "
                          f"{', '.join(PROBE_KINDS)}")
-  pixels = []
-  for seed in _SEEDS.value:
-    config = comparison.pixel_config(base, seed)
-    name = comparison.pixel_dir(config)
-    print(f"== {name}", flush=True)
-    pixels.append(pixel_floor(config, os.path.join(_WORKDIR.value, name)))
   rows = []
   for (label, method, row_overrides, paper), overrides in itertools.product(planned, grid):
     per_seed, floors = [], []
@@ -192,6 +186,14 @@ def main(argv):
       floors.append(floor_one(config, os.path.join(_WORKDIR.value, f"floor_{name}")))
     rows.append({"label": label, "method": method, "grid": overrides, "paper": paper,
                  "runs": per_seed, "floors": floors})
+  # After the training runs: the first of them applies the config's XLA settings, which must
+  # come before anything starts JAX's backend.
+  pixels = []
+  for seed in _SEEDS.value:
+    config = comparison.pixel_config(base, seed)
+    name = comparison.pixel_dir(config)
+    print(f"== {name}", flush=True)
+    pixels.append(pixel_floor(config, os.path.join(_WORKDIR.value, name)))
 
   grid_keys = list(grid[0])
   kinds, levels = _PROBES.value or None, _LEVELS.value or None

@@ -283,7 +283,7 @@ def _eval_cli(*args):
 def test_evaluate_workdir_skips_a_damaged_newest_checkpoint(three_steps, tmp_path, capsys):
   copy = ckpt_damage.copy_workdir(three_steps, tmp_path / "w")
   ckpt_damage.truncate_largest_file(copy, 6)
-  results = eval_lib.evaluate_workdir(copy, overrides={"eval.probe_epochs": 1})
+  results = eval_lib.evaluate_workdir(copy)     # the tiny config's probes: compiled already
   out, err = capsys.readouterr()
   [warning] = [l for l in err.splitlines() if l.strip()]
   assert warning.startswith("warning: skipping the checkpoint at step 6 (truncated or "
@@ -325,18 +325,19 @@ def test_evaluate_workdir_probes_by_the_configured_protocol(tiny, monkeypatch):
   config = digits.get_config("tiny")
   config.eval.probe_augment = True
   config.eval.probe_epochs = 2
+  config.eval.few_label_fractions, config.eval.val_fraction = (), 0.0   # test_probes' part
   results = eval_lib.evaluate_workdir(workdir, config)
   assert calls[:2] == [None, None]                    # train and test eval views, once each
   keyed = calls[2:]
   assert len(keyed) == 2 and keyed[0] != keyed[1]    # one fresh set of views per epoch
   assert results["linear"]["conv"]["augmented"] and results["linear"]["fc"]["augmented"]
-  assert results["knn"] and results["few_label"] and results["val_selected"]
+  assert results["knn"]["embedding"] and not results["few_label"] \
+      and not results["val_selected"]
 
 
 def test_evaluate_workdir_puts_overrides_on_the_saved_config(tiny):
   _, _, workdir = tiny
-  results = eval_lib.evaluate_workdir(workdir, overrides={"eval.random_init": True,
-                                                          "eval.probe_epochs": 1})
+  results = eval_lib.evaluate_workdir(workdir, overrides={"eval.random_init": True})
   with open(os.path.join(workdir, "probe_random_init.json")) as f:
     assert json.load(f) == json.loads(json.dumps(results))
   with pytest.raises(ckpt_lib.CheckpointMismatchError) as err:
@@ -349,12 +350,15 @@ def test_evaluate_workdir_puts_overrides_on_the_saved_config(tiny):
 @pytest.mark.slow
 def test_eval_cli_overrides_without_config(tiny):
   _, _, workdir = tiny
-  r = _eval_cli(f"--workdir={workdir}", "--config.eval.random_init=True")
+  # Every probe but the full-label one and the kNN switched off from the command line.
+  only = ("--config.eval.few_label_fractions=()", "--config.eval.val_fraction=0")
+  r = _eval_cli(f"--workdir={workdir}", "--config.eval.random_init=True", *only)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "randomly initialised encoder" in r.stdout
-  r = _eval_cli(f"--workdir={workdir}", "--config.eval.probe_epochs=2")
+  r = _eval_cli(f"--workdir={workdir}", "--config.eval.probe_epochs=2", *only)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert "| conv |" in r.stdout and "Traceback" not in r.stderr
+  assert "| conv |" in r.stdout and "Traceback" not in r.stderr and "| kNN (k=" in r.stdout
+  assert "% labels" not in r.stdout and "val-selected" not in r.stdout
   r = _eval_cli(f"--workdir={workdir}", "--config.model.width=1.0")
   assert r.returncode == 2
   [line] = [l for l in r.stderr.splitlines() if l.strip()]

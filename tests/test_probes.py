@@ -75,6 +75,10 @@ def test_validation_split_is_stratified_disjoint_seeded_and_keeps_every_class():
   assert not np.array_equal(val, other[1])
   with pytest.raises(ValueError, match="no validation example"):
     splits.validation_split(np.arange(3), 0.1, 0)          # every class has one example
+  one_each = np.eye(3, 4, dtype=np.float32)
+  with pytest.raises(config_check.ConfigError, match="raise config.eval.val_fraction"):
+    probes.evaluate_features({"pixels": one_each}, {"pixels": one_each}, np.arange(3),
+                             np.arange(3), 3, eval_config(), 0, linear_levels=("pixels",))
 
 
 # ---- the linear probes ----------------------------------------------------------------------------

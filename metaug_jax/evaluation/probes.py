@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from metaug_jax import config_check
 from metaug_jax.evaluation import features as features_lib
 from metaug_jax.evaluation import knn, linear_probe, splits, tables
 
@@ -107,7 +108,10 @@ def evaluate_features(train: dict, test: dict, train_labels: np.ndarray,
   draws, val_fraction = int(ec.few_label_draws), float(ec.val_fraction)
   subsets = {f: [splits.few_label_subset(y, f, seed, d) for d in range(draws)]
              for f in fractions}
-  validation = splits.validation_split(y, val_fraction, seed) if val_fraction > 0 else None
+  try:
+    validation = splits.validation_split(y, val_fraction, seed) if val_fraction > 0 else None
+  except ValueError as e:  # too few labels per class for the configured split: a config error
+    raise config_check.ConfigError(str(e)) from None
   results = {probe: {} for probe in PROBES}
   for group in _level_groups([lvl for lvl in linear_levels if lvl in train], train):
     standardise = [linear_probe.standardiser(train[lvl]) for lvl in group]
@@ -227,10 +231,12 @@ def format_results(results: dict, title: str) -> str:
           for level, r in results.get(probe, {}).items()}
   fractions = sorted({f for by in results.get("few_label", {}).values() for f in by}, key=float)
   augmented = any(r.get("augmented") for r in results.get("linear", {}).values())
+  with_val, with_knn = bool(results.get("val_selected")), bool(results.get("knn"))
   head = ["features", "dim", "all labels" + (" (augmented)" if augmented else ""),
           "all labels, best epoch (test-selected)",
           *(column_title(f"few_label:{f}") for f in fractions),
-          "val-selected (epoch)", column_title("knn", protocol)]
+          *(["val-selected (epoch)"] if with_val else []),
+          *([column_title("knn", protocol)] if with_knn else [])]
   rows = []
   for level in level_order(dims):
     lin = results.get("linear", {}).get(level)
@@ -242,8 +248,9 @@ def format_results(results: dict, title: str) -> str:
         tables.number(lin and lin["best_test_acc"]),
         *(f"{few[f]['mean']:.2f} ± {few[f]['std']:.2f}" if f in few else tables.MISSING
           for f in fractions),
-        f"{val['test_acc']:.2f} ({val['epoch']})" if val else tables.MISSING,
-        tables.number(near and near["test_acc"])])
+        *([f"{val['test_acc']:.2f} ({val['epoch']})" if val else tables.MISSING]
+          if with_val else []),
+        *([tables.number(near and near["test_acc"])] if with_knn else [])])
   notes = []
   if fractions:
     notes.append(f"few-label: mean ± std over {protocol.get('few_label_draws')} stratified "
