@@ -3,6 +3,7 @@
 import platform
 
 from benchmark_plan import ANCHOR, HAI_BASELINES, STEP_VARIANTS, Setting, overrides_suffix
+from metaug_jax.evaluation.tables import table_lines
 
 # The authors' PyTorch code on a 2-core CPU machine (the brief's reference measurements).
 PAPER = {
@@ -23,31 +24,26 @@ def _s(seconds, missing: str = "–") -> str:
   return format(seconds, ".3f") if seconds >= 0.1 else format(seconds, ".3g")
 
 
-def _table_head(head) -> list:
-  """A markdown table's header and separator lines."""
-  return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
-
 def _steps_table(rows) -> list:
   head = ["encoder", "input, views", "batch", "step", "compile s", "s / step", "steps / s",
           "images / s", "cores used", "GFLOP / step", "GFLOP/s", "XLA temp MiB", "XLA args MiB",
           "peak RSS MiB (+ over pre-step)", "device peak MiB"]
-  lines = _table_head(head)
+  body = []
   for s, r in rows:
     if "error" in r:
-      lines.append(f"| {s.encoder} | | {s.batch} | {s.label} | error: {r['error'][:200]} |")
+      body.append([s.encoder, "", s.batch, s.label, f"error: {r['error'][:200]}"])
       continue
     dev = r.get("device_memory") or {}
     peak_dev = dev.get("peak_bytes_in_use")
-    lines.append("| " + " | ".join([
+    body.append([
         s.encoder, f"{r['input_size']}², {r['views']}", str(s.batch), s.label,
         _f(r["lower_s"] + r["compile_s"], ".1f"), _s(r["step_s"]), _f(r["steps_per_s"], ".2f"),
         _f(r["images_per_s"], ".1f"), _f(r.get("cores_used"), ".2f"), _f(r["gflops"], ".1f"),
         _f(r["gflops"] / r["step_s"] if r["gflops"] else None, ".1f"), _f(r["temp_mib"], ".0f"),
         _f(r["argument_mib"], ".0f"),
         f"{r['peak_rss_mib']:.0f} (+{r['peak_rss_mib'] - r['rss_before_step_mib']:.0f})",
-        _f(peak_dev / 2 ** 20 if peak_dev else None, ".0f", "n/a")]) + " |")
-  return lines
+        _f(peak_dev / 2 ** 20 if peak_dev else None, ".0f", "n/a")])
+  return table_lines(head, body)
 
 
 def _ratio_table(rows) -> list:
@@ -59,10 +55,10 @@ def _ratio_table(rows) -> list:
           "double-backward s", "**metaug / cmc**", "**fused / cmc**", "double-backward / cmc",
           "metaug / oucl_only", "fused / oucl_only", "oucl_only / cmc",
           "cmc: YNNPACK / Eigen convs", "fused: YNNPACK / Eigen convs"]
-  lines = _table_head(head)
+  body = []
   ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "–"
   for (encoder, batch, overrides), t in by.items():
-    lines.append("| " + " | ".join([
+    body.append([
         encoder + overrides_suffix(overrides), str(batch), _s(t.get("simclr")),
         _s(t.get("cmc")), _s(t.get("metaug_oucl_only")), _s(t.get("metaug")),
         _s(t.get("metaug_fused")), _s(t.get("metaug_double_backward")),
@@ -73,8 +69,8 @@ def _ratio_table(rows) -> list:
         ratio(t.get("metaug_fused"), t.get("metaug_oucl_only")),
         ratio(t.get("metaug_oucl_only"), t.get("cmc")),
         ratio(t.get("cmc_ynnpack"), t.get("cmc")),
-        ratio(t.get("metaug_fused_ynnpack"), t.get("metaug_fused"))]) + " |")
-  return lines
+        ratio(t.get("metaug_fused_ynnpack"), t.get("metaug_fused"))])
+  return table_lines(head, body)
 
 
 def _methods_table(rows) -> list:
@@ -84,23 +80,23 @@ def _methods_table(rows) -> list:
   ok = {(s.encoder, s.batch, s.method): r for s, r in rows if "error" not in r}
   head = ["encoder", "batch", "method", "views", "s / step", "step / cmc", "vs plain",
           "XLA temp MiB", "temp / cmc", "peak RSS MiB", "RSS / cmc", "compile s"]
-  lines = _table_head(head)
+  body = []
   ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "–"
   for s, r in rows:
     if "error" in r:
-      lines.append(f"| {s.encoder} | {s.batch} | {s.label} | error: {r['error'][:200]} |")
+      body.append([s.encoder, s.batch, s.label, f"error: {r['error'][:200]}"])
       continue
     base = cmc.get((s.encoder, s.batch), {})
     plain = ok.get((s.encoder, s.batch, HAI_BASELINES.get(s.method)), {})
     vs_plain = (f"{ratio(r['step_s'], plain.get('step_s'))} {HAI_BASELINES[s.method]}"
                 if plain else "–")
-    lines.append("| " + " | ".join([
+    body.append([
         s.encoder, str(s.batch), s.label, str(r["views"]), _s(r["step_s"]),
         ratio(r["step_s"], base.get("step_s")), vs_plain, _f(r["temp_mib"], ".0f"),
         ratio(r["temp_mib"], base.get("temp_mib")), _f(r["peak_rss_mib"], ".0f"),
         ratio(r["peak_rss_mib"], base.get("peak_rss_mib")),
-        _f(r["lower_s"] + r["compile_s"], ".1f")]) + " |")
-  return lines
+        _f(r["lower_s"] + r["compile_s"], ".1f")])
+  return table_lines(head, body)
 
 
 def _anchor_table(rows) -> list:
@@ -108,7 +104,7 @@ def _anchor_table(rows) -> list:
   head = ["step", "ours s / step", "ours images / s", "ours peak RSS GiB",
           "authors s / step", "authors images / s", "authors peak RSS GiB",
           "ours / authors images/s", "ours / authors peak RSS"]
-  lines = _table_head(head)
+  body = []
   for method, label, paper_key in (
       ("metaug", "MetAug (paper step, forward-over-reverse; our default)", "metaug"),
       ("metaug_fused", "MetAug, virtual step from the current theta (fused)", "metaug"),
@@ -127,68 +123,68 @@ def _anchor_table(rows) -> list:
        "(YNNPACK)", "metaug_oucl_only")):
     r, p = got.get(method), PAPER[paper_key]
     if r is None:
-      lines.append(f"| {label} | not measured | | | {p['s_per_step']} | {p['images_per_s']} "
-                   f"| ~{p['peak_rss_gib']} | | |")
+      body.append([label, "not measured", "", "", p["s_per_step"], p["images_per_s"],
+                   f"~{p['peak_rss_gib']}"])
       continue
     rss = r["peak_rss_mib"] / 1024
-    lines.append("| " + " | ".join([
+    body.append([
         label, _s(r["step_s"]), _f(r["images_per_s"], ".2f"), _f(rss, ".2f"),
         str(p["s_per_step"]), str(p["images_per_s"]), f"~{p['peak_rss_gib']}",
         f"**{r['images_per_s'] / p['images_per_s']:.2f}x**",
-        f"**{rss / p['peak_rss_gib']:.2f}x**"]) + " |")
+        f"**{rss / p['peak_rss_gib']:.2f}x**"])
   theirs_implied = PAPER["metaug"]["s_per_step"] / PAPER["metaug_oucl_only"]["s_per_step"]
   for method in ("metaug",) + tuple(STEP_VARIANTS):
     # A step's own plain OUCL: the one with the same conv kernels.
     plain = "metaug_oucl_only_ynnpack" if method.endswith("_ynnpack") else "metaug_oucl_only"
     if method.startswith("metaug") and method != plain and method in got and plain in got:
       ours = got[method]["step_s"] / got[plain]["step_s"]
-      lines.append(f"| {method} / {plain} step time | **{ours:.2f}x** | | | {PAPER['ratio']}x "
-                   f"(stated; {theirs_implied:.2f}x from their s / step) | | | | |")
+      body.append([f"{method} / {plain} step time", f"**{ours:.2f}x**", "", "",
+                   f"{PAPER['ratio']}x (stated; {theirs_implied:.2f}x from their s / step)"])
   if "cmc" in got:
-    lines.append(f"| (cmc, 3 views, InfoNCE) | {_s(got['cmc']['step_s'])} | "
-                 f"{got['cmc']['images_per_s']:.2f} | {got['cmc']['peak_rss_mib'] / 1024:.2f} "
-                 f"| | | | | |")
-  return lines
+    body.append(["(cmc, 3 views, InfoNCE)", _s(got["cmc"]["step_s"]),
+                 f"{got['cmc']['images_per_s']:.2f}",
+                 f"{got['cmc']['peak_rss_mib'] / 1024:.2f}"])
+  return table_lines(head, body)
 
 
 def _scaling_table(rows) -> list:
   head = ["step", "encoder", "global batch", "devices", "simulated", "s / step", "images / s",
           "efficiency", "cores used", "compile s", "peak RSS MiB"]
-  lines = _table_head(head)
+  body = []
   base = {}
   for s, r in rows:
     if "error" not in r and s.num_devices == 1:
       base[s.method] = r["images_per_s"]
   for s, r in rows:
     if "error" in r:
-      lines.append(f"| {s.method} | {s.encoder} | {s.batch} | {s.num_devices} | | error: "
-                   f"{r['error'][:200]} |")
+      body.append([s.method, s.encoder, s.batch, s.num_devices, "",
+                   f"error: {r['error'][:200]}"])
       continue
     eff = r["images_per_s"] / base[s.method] / s.num_devices if s.method in base else None
-    lines.append("| " + " | ".join([
+    body.append([
         s.label, s.encoder, str(s.batch), str(s.num_devices), "yes" if s.simulated else "no",
         _s(r["step_s"]), _f(r["images_per_s"], ".1f"), _f(eff, ".2f"),
         _f(r.get("cores_used"), ".2f"), _f(r["lower_s"] + r["compile_s"], ".1f"),
-        _f(r["peak_rss_mib"], ".0f")]) + " |")
-  return lines
+        _f(r["peak_rss_mib"], ".0f")])
+  return table_lines(head, body)
 
 
 def _parts_table(rows) -> list:
   head = ["encoder", "batch", "part", "s / call", "share of full step", "GFLOP", "XLA temp MiB",
           "cores used", "compile s"]
-  lines = _table_head(head)
+  body = []
   for s, r in rows:
     if "error" in r:
-      lines.append(f"| {s.encoder} | {s.batch} | error: {r['error'][:200]} | | | | | |")
+      body.append([s.encoder, s.batch, f"error: {r['error'][:200]}"])
       continue
     full = r["parts"]["full_step"]["step_s"]
     for name in ("views", "phase_a", "phase_b", "full_step"):
       p = r["parts"][name]
-      lines.append("| " + " | ".join([
+      body.append([
           s.encoder, str(s.batch), name, _s(p["step_s"]), f"{p['step_s'] / full:.0%}",
           _f(p.get("gflops"), ".1f"), _f(p.get("temp_mib"), ".0f"),
-          _f(p.get("cores_used"), ".2f"), _f(p["compile_s"], ".1f")]) + " |")
-  return lines
+          _f(p.get("cores_used"), ".2f"), _f(p["compile_s"], ".1f")])
+  return table_lines(head, body)
 
 
 def render_markdown(results: dict, meta: dict) -> str:

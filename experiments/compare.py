@@ -1,12 +1,17 @@
 """Runs several methods (or a hyperparameter grid) with identical data, budget and seeds.
 
-Prints a markdown table of linear-probe accuracies (mean +- std over seeds), the probe of the
-same architecture at random initialisation (the floor, per row), and the measured seconds per
-training step, beside the paper's numbers, and writes it with the exact command to --out.
+Prints markdown tables of every probe of the frozen encoders (metaug_jax/evaluation/probes.py:
+linear probes with all labels, with 1 % / 10 % of each class's labels, at the epoch chosen on a
+validation split, and the kNN classifier), mean ± std over seeds, a row per method and feature
+level, with the measured seconds per training step; then the floors computed the same way by
+the same command: the row's architecture at random initialisation and the raw pixels; then the
+papers' numbers (MetAug's Table 1, and other papers' rows the methods register). Writes them
+with the exact command to --out.
 
 Runs are paired by seed: seed s gives every method the same data order (the loader's order is
-a function of the seed alone) and the same initial key. With --baseline=NAME each other row
-gets, per feature level, the mean of its per-seed differences to the baseline and the p-value
+a function of the seed alone), the same initial key, and the same label draws and validation
+split in the probes. With --baseline=NAME each other row and each random-init floor gets, per
+level and probe column, the mean of its per-seed differences to the baseline and the p-value
 of a two-sided paired t-test on them (and the sign count), so a difference can be told from
 seed noise. The results file records the git commit, the library versions, the device and the
 wall time.
@@ -18,15 +23,20 @@ wall time.
 
   # chosen methods (any registered name), or a grid over fields (one row per combination):
   python experiments/compare.py --config=configs/digits.py --workdir=runs/compare \
-      --methods=cmc,metaug_oucl_only,metaug --seeds=0,1,2
+      --methods=cmc,metaug_oucl_only,metaug --seeds=0,1,2 --baseline=cmc
   python experiments/compare.py --config=configs/digits.py --workdir=runs/sweep --methods=metaug \
       --grid="metaug.lambda_aug=1e-5,1e-3,1e-1;metaug.lambda_mi=1e-9,1e-5,1e-2"
+
+  # fewer columns: only some probes and levels
+  python experiments/compare.py ... --probes=linear,knn --levels=fc,embedding
 
 Each row applies its method's config variant (as `configs/NAME.py:METHOD` does), then its own
 overrides (e.g. loss.negatives=debiased), then the grid. A run's directory is named by its
 row, its seed and a key hashing the fully resolved config and the library's source code, so a
 finished run is reused only when neither changed: an interrupted comparison continues where it
-stopped, and a changed override or changed code trains afresh.
+stopped, and a changed override or changed code trains afresh. The raw-pixel floor depends on
+the data and probe settings alone (the base config's, without the grid), so it is computed
+once per seed and shared by every row.
 """
 
 import itertools
@@ -39,7 +49,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from comparison import accuracies, paired_test, provenance, run_key  # experiments/comparison.py
+import comparison  # experiments/comparison.py
+from comparison import provenance, run_key
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Parent directory of the runs.")
@@ -50,7 +61,13 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"],
 _BASELINE = flags.DEFINE_string("baseline", "", "Row label or method name every other row is "
                                 "tested against (paired t-test over seeds); empty: no tests.")
 _GRID = flags.DEFINE_string("grid", "", "'field=v1,v2;field2=w1,w2': the product is run.")
-_OUT = flags.DEFINE_string("out", "", "Markdown file to write the table (and command) to.")
+_PROBES = flags.DEFINE_list("probes", [], "Probe columns to show: linear, few_label, "
+                            "val_selected, knn (empty: all that ran).")
+_LEVELS = flags.DEFINE_list("levels", [], "Feature levels to show, e.g. conv,fc,embedding "
+                            "(empty: all; the raw-pixel floor is always shown).")
+_OUT = flags.DEFINE_string("out", "", "Markdown file to write the tables (and command) to.")
+
+PROBE_KINDS = ("linear", "few_label", "val_selected", "knn")
 
 
 def _rows(names: list) -> list:
@@ -62,27 +79,12 @@ def _rows(names: list) -> list:
   out = []
   for name in names:
     spec = registry.get(name)
-    # Only MetAug's Table 1 numbers are printed (rows of other papers, e.g. Feature
-    # Transformation's ImageNet numbers, have no Table 1 dataset to sit beside).
+    # MetAug's Table 1 numbers here; rows of other papers (e.g. Feature Transformation's
+    # ImageNet numbers) go to comparison.other_papers_table.
     paper = next((r.numbers for r in spec.paper_rows
                   if not r.overrides and r.source == registry.TABLE1_SOURCE), None)
     out.append((name, name, {}, paper))
   return out
-
-
-def _paper_table(rows: list) -> str:
-  """The paper's numbers for our rows, every dataset of Table 1 (empty where none)."""
-  from metaug_jax.methods import registry
-  if not any(paper for *_, paper in rows):
-    return ""
-  sets = registry.TABLE1_DATASETS
-  lines = ["Paper (Li et al. 2022, Table 1; 300 epochs, best probe epoch), conv / fc:", "",
-           "| row | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
-  for label, _, _, paper in rows:
-    cells = [f"{paper[d][0]:.2f} / {paper[d][1]:.2f}" if paper and d in paper else ""
-             for d in sets]
-    lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
 
 
 def _parse_grid(text: str) -> list:
@@ -105,60 +107,58 @@ def _seconds_per_step(workdir: str) -> float:
   return 1.0 / rates[len(rates) // 2]
 
 
+def _cached(path: str, compute) -> dict:
+  """The JSON at `path`, or compute() (timed) written there."""
+  if os.path.exists(path):
+    return json.load(open(path))
+  start = time.time()
+  result = compute()
+  result["wall_seconds"] = time.time() - start
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  json.dump(result, open(path, "w"), indent=2)
+  return result
+
+
 def run_one(config, workdir: str) -> dict:
   """Trains and probes `config` in `workdir` (or reads the result of an earlier run there;
   the directory name carries `run_key`, so an earlier run is only found for the same config
   and code)."""
   from metaug_jax import train
-  done = os.path.join(workdir, "compare_result.json")
-  if os.path.exists(done):
-    return json.load(open(done))
-  start = time.time()
-  probe = train.train_and_evaluate(config, workdir)
-  result = {"probe": probe, "seconds_per_step": _seconds_per_step(workdir),
-            "wall_seconds": time.time() - start, "key": run_key(config)}
-  json.dump(result, open(done, "w"), indent=2)
-  return result
+
+  def compute():
+    probe = train.train_and_evaluate(config, workdir)
+    return {"probe": probe, "seconds_per_step": _seconds_per_step(workdir),
+            "key": run_key(config)}
+  return _cached(os.path.join(workdir, "compare_result.json"), compute)
 
 
 def floor_one(config, workdir: str) -> dict:
-  """The linear probe of `config`'s architecture at random initialisation (cached)."""
+  """Every probe of `config`'s architecture at random initialisation (cached)."""
   from metaug_jax import train
-  done = os.path.join(workdir, "floor_result.json")
-  if os.path.exists(done):
-    return json.load(open(done))
-  start = time.time()
-  exp = train.build_experiment(config)
-  probe = train.evaluate_state(exp, exp.init_state(), title="random-init floor")
-  os.makedirs(workdir, exist_ok=True)
-  result = {"probe": probe, "wall_seconds": time.time() - start}
-  json.dump(result, open(done, "w"), indent=2)
-  return result
+
+  def compute():
+    exp = train.build_experiment(config)
+    return {"probe": train.evaluate_state(exp, exp.init_state(),
+                                          title="random-init floor")}
+  return _cached(os.path.join(workdir, "floor_result.json"), compute)
 
 
-def _mean_std(values: list) -> str:
-  import numpy as np
-  if len(values) == 1:
-    return f"{values[0]:.2f}"
-  return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+def pixel_floor(config, workdir: str) -> dict:
+  """Every probe on the raw pixels of `config`'s data (cached; the key ignores the method)."""
+  from metaug_jax.data import sources
+  from metaug_jax.evaluation import probes
 
-
-def _cell(runs: list, level: str) -> str:
-  accs = [a for a in accuracies(runs, level) if a is not None]
-  return _mean_std(accs) if accs else "–"
-
-
-def _test_cell(test: dict) -> str:
-  """'+1.23 (p=0.012, 4/5)': mean difference, p-value, seeds where the row is ahead."""
-  if not test["n"]:
-    return "–"
-  p = "p=–" if test["p"] is None else f"p={test['p']:.3g}"
-  return f"{test['mean_diff']:+.2f} ({p}, {test['wins']}/{test['n']})"
+  def compute():
+    dataset = sources.load_dataset(config)
+    probe = probes.evaluate_pixels(dataset, config)
+    print(probes.format_results(probe, f"raw-pixel floor ({config.dataset}, seed "
+                                       f"{config.seed})"), flush=True)
+    return {"probe": probe}
+  return _cached(os.path.join(workdir, "pixel_floor.json"), compute)
 
 
 def main(argv):
   del argv
-  from metaug_jax.methods import registry
   started = time.time()
   base = _CONFIG.value
   grid = _parse_grid(_GRID.value)
@@ -170,86 +170,73 @@ def main(argv):
     # Checked before anything trains: a typo must not cost the whole comparison.
     raise app.UsageError(f"--baseline={_BASELINE.value!r} is not one of the rows "
                          f"({', '.join(label for label, *_ in planned)})")
+  unknown = sorted(set(_PROBES.value) - set(PROBE_KINDS))
+  if unknown:
+    raise app.UsageError(f"--probes: unknown {', '.join(unknown)}; use any of "
+                         f"{', '.join(PROBE_KINDS)}")
   rows = []
   for (label, method, row_overrides, paper), overrides in itertools.product(planned, grid):
     per_seed, floors = [], []
     for seed in _SEEDS.value:
-      config = base.copy_and_resolve_references()
-      registry.apply_variant(config, method)
-      config.seed = int(seed)
-      config.progress_bar = False
-      config.update_from_flattened_dict({**row_overrides, **overrides})
-      tag = "_".join([method, *(f"{k.split('.')[-1]}{v}"
-                                for k, v in {**row_overrides, **overrides}.items()),
-                      f"seed{seed}"])
-      key = run_key(config)
-      print(f"== {tag} ({key})", flush=True)
-      per_seed.append(run_one(config, os.path.join(_WORKDIR.value, f"{tag}-{key}")))
-      floors.append(floor_one(config, os.path.join(_WORKDIR.value, f"floor_{tag}-{key}")))
-    rows.append((label, method, overrides, paper, per_seed, floors))
+      changes = {**row_overrides, **overrides}
+      config = comparison.row_config(base, method, seed, changes)
+      name = comparison.run_dir(method, changes, seed, config)
+      print(f"== {name}", flush=True)
+      per_seed.append(run_one(config, os.path.join(_WORKDIR.value, name)))
+      floors.append(floor_one(config, os.path.join(_WORKDIR.value, f"floor_{name}")))
+    rows.append({"label": label, "method": method, "grid": overrides, "paper": paper,
+                 "runs": per_seed, "floors": floors})
+  # After the training runs: the first of them applies the config's XLA settings, which must
+  # come before anything starts JAX's backend.
+  pixels = []
+  for seed in _SEEDS.value:
+    config = comparison.pixel_config(base, seed)
+    name = comparison.pixel_dir(config)
+    print(f"== {name}", flush=True)
+    pixels.append(pixel_floor(config, os.path.join(_WORKDIR.value, name)))
 
-  levels = [lvl for lvl in ("conv", "fc", "mag_hidden")
-            if any(lvl in r["probe"] for *_, runs, _ in rows for r in runs)]
-  cmc_time = next((sum(r["seconds_per_step"] for r in runs) / len(runs)
-                   for label, _, _, _, runs, _ in rows if label in ("cmc", "CMC")), None)
-  head = ["row", *(k for k in grid[0]), *(f"{lvl} acc (final)" for lvl in levels),
-          *(f"{lvl} floor" for lvl in ("conv", "fc")), "s / step"]
-  if cmc_time:
-    head.append("step time / cmc")
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for label, method, overrides, _, runs, floors in rows:
-    cells = [label, *(f"{v:g}" if isinstance(v, float) else str(v) for v in overrides.values())]
-    cells += [_cell(runs, lvl) for lvl in levels] + [_cell(floors, l) for l in ("conv", "fc")]
-    sps = sum(r["seconds_per_step"] for r in runs) / len(runs)
-    cells.append(f"{sps:.3f}")
-    if cmc_time:
-      cells.append(f"{sps / cmc_time:.2f}x")
-    lines.append("| " + " | ".join(cells) + " |")
-  table = "\n".join(lines)
-  seeds = ",".join(_SEEDS.value)
-  tests = _tests_table(rows, levels, grid)
-  paper = _paper_table([(label, m, o, p) for label, m, o, p, _, _ in rows])
+  grid_keys = list(grid[0])
+  kinds, levels = _PROBES.value or None, _LEVELS.value or None
+  table = comparison.results_table(rows, pixels, grid_keys, kinds, levels)
+  tests = comparison.tests_table(rows, _BASELINE.value, grid_keys, kinds, levels)
+  paper = comparison.paper_table(rows, base.dataset)
+  others = comparison.other_papers_table(rows, base.dataset)
   meta = provenance()
   wall = time.time() - started
-  trained = sum(r.get("wall_seconds", 0.0) for *_, runs, fl in rows for r in runs + fl)
+  trained = sum(r.get("wall_seconds", 0.0) for row in rows for r in row["runs"] + row["floors"])
+  trained += sum(r.get("wall_seconds", 0.0) for r in pixels)
   footer = (f"Commit {meta['commit']} (code version {meta['code_version']}); {meta['versions']}; "
             f"{meta['device']}. Wall time of this command {wall / 60:.1f} min; the runs' own "
             f"wall time (training, probes and floors, including runs reused from an earlier "
             f"invocation) {trained / 60:.1f} min.")
-  print(f"\nlinear-probe top-1 test accuracy (%), final probe epoch; seeds {seeds}\n{table}\n"
-        f"\n{tests}\n\n{paper}\n\n{footer}")
+  seeds = ",".join(_SEEDS.value)
+  caption = _caption(rows, seeds)
+  sections = [s for s in (table, tests, paper, others) if s]
+  print(f"\n{caption}\n\n" + "\n\n".join(sections) + f"\n\n{footer}")
   if _OUT.value:
     command = "python " + shlex.join(sys.argv)
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
     with open(_OUT.value, "w") as f:
       f.write(f"# {os.path.basename(base.dataset)}: {', '.join(_METHODS.value)}\n\n"
-              f"Command:\n\n```\n{command}\n```\n\nLinear-probe top-1 test accuracy (%) at "
-              f"the final probe epoch, mean ± std over seeds {seeds}; the floor is the same "
-              f"probe of the row's architecture at random initialisation (same seeds); "
-              f"s / step is the median training step time after compilation on this "
-              f"machine.\n\n{table}\n\n{tests}\n\n{paper}\n\n{footer}\n")
+              f"Command:\n\n```\n{command}\n```\n\n{caption}\n\n"
+              + "\n\n".join(sections) + f"\n\n{footer}\n")
 
 
-def _tests_table(rows: list, levels: list, grid: list) -> str:
-  """Paired differences of every row to --baseline, per level ('' without --baseline)."""
-  if not _BASELINE.value:
-    return ""
-  def baseline_runs(overrides):
-    return next((runs for label, method, o, _, runs, _ in rows
-                 if _BASELINE.value in (label, method) and o == overrides), None)
-  head = ["row", *(k for k in grid[0]), *(f"{lvl} vs {_BASELINE.value}" for lvl in levels)]
-  lines = [f"Paired by seed against {_BASELINE.value}: mean difference in points (two-sided "
-           f"paired t-test p-value, seeds where the row is ahead / seeds):", "",
-           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for label, method, overrides, _, runs, _ in rows:
-    base_runs = baseline_runs(overrides)
-    if runs is base_runs:
-      continue
-    cells = [label, *(f"{v:g}" if isinstance(v, float) else str(v) for v in overrides.values())]
-    cells += [_test_cell(paired_test(accuracies(runs, lvl), accuracies(base_runs, lvl)))
-              for lvl in levels]
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+def _caption(rows: list, seeds: str) -> str:
+  """What the results table's numbers are."""
+  protocol = next((r["probe"].get("protocol", {}) for row in rows for r in row["runs"]), {})
+  draws = protocol.get("few_label_draws")
+  val = protocol.get("val_fraction", 0) * 100
+  return (f"Top-1 test accuracy (%), mean ± std over seeds {seeds}, of probes on the frozen "
+          f"features (docs/implementation.md §9): *all labels* = linear probe at its "
+          f"final epoch; *x % labels* = linear probe on x % of each class's labels (per seed "
+          f"the mean over {draws} label draws); *val-selected* = linear probe at the epoch "
+          f"chosen on a stratified {val:g} % validation split of the training set (the test "
+          f"set selects nothing); *kNN* = weighted kNN with the training set as memory. "
+          f"Floors, computed the same way: *random init* = the row's architecture before "
+          f"training (rows with identical floors merged), *raw pixels* = the flattened "
+          f"images. s / step is the median training step time after compilation on this "
+          f"machine.")
 
 
 if __name__ == "__main__":

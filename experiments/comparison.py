@@ -1,8 +1,17 @@
-"""What experiments/compare.py computes besides training: the run cache key, the paired test
-over seeds and the provenance of a results file (no flags here, so tests can import it)."""
+"""What experiments/compare.py computes besides training: the run cache keys, the paired test
+over seeds, the results tables and the provenance of a results file (no flags here, so tests
+can import it).
+
+A comparison is a list of rows, each a dict: label, method, grid (the grid's overrides of
+the row), paper (its Table 1 numbers or None), runs (one result per seed: {"probe":
+probes.evaluate's dict, "seconds_per_step": ...}) and floors (the same probes of the row's
+architecture at random initialisation, per seed); the raw-pixel floor is a list of per-seed
+results of probes.evaluate_pixels.
+"""
 
 import functools
 import hashlib
+import json
 import os
 import platform
 import subprocess
@@ -31,9 +40,55 @@ def run_key(config) -> str:
   return hashlib.sha256((text + code_version()).encode()).hexdigest()[:10]
 
 
-def accuracies(runs: list, level: str) -> list:
-  """Per-seed test accuracies of one feature level (None where a run lacks the level)."""
-  return [r["probe"][level]["test_acc"] if level in r["probe"] else None for r in runs]
+def row_config(base, method: str, seed: int, overrides: dict):
+  """The resolved config of one run: the base config, the method's variant, the seed, then
+  the row's and the grid's overrides."""
+  from metaug_jax.methods import registry
+  config = base.copy_and_resolve_references()
+  registry.apply_variant(config, method)
+  config.seed = int(seed)
+  config.progress_bar = False
+  config.update_from_flattened_dict(dict(overrides))
+  return config
+
+
+def run_dir(method: str, overrides: dict, seed: int, config) -> str:
+  """A run's directory name under --workdir: its row, seed and run_key."""
+  tag = "_".join([method, *(f"{k.split('.')[-1]}{v}" for k, v in overrides.items()),
+                  f"seed{seed}"])
+  return f"{tag}-{run_key(config)}"
+
+
+def pixel_config(base, seed: int):
+  """The config of the raw-pixel floor at one seed: the base config (no method variant, no
+  grid) with that seed."""
+  config = base.copy_and_resolve_references()
+  config.seed = int(seed)
+  return config
+
+
+def pixel_dir(config) -> str:
+  """The raw-pixel floor's directory name under --workdir."""
+  return f"pixels_seed{config.seed}-{pixel_floor_key(config)}"
+
+
+# The config fields that the raw-pixel floor depends on: the data and the probes, not the
+# method or its training.
+PIXEL_FLOOR_FIELDS = ("dataset", "data_dir", "download", "data", "eval", "seed")
+
+
+def pixel_floor_key(config) -> str:
+  """The cache key of a raw-pixel floor: PIXEL_FLOOR_FIELDS of the resolved config and the
+  code version (one floor per data set, seed and probe protocol, shared by every row)."""
+  fields = {name: config[name] for name in PIXEL_FLOOR_FIELDS}
+  text = json.dumps(fields, sort_keys=True, default=lambda v: v.to_dict())
+  return hashlib.sha256((text + code_version()).encode()).hexdigest()[:10]
+
+
+def accuracies(runs: list, column: str, level: str) -> list:
+  """Per-seed test accuracies of one probe column and level (None where a run lacks it)."""
+  from metaug_jax.evaluation import probes
+  return [probes.columns(r["probe"]).get((column, level)) for r in runs]
 
 
 def paired_test(values: list, baseline: list) -> dict:
@@ -49,7 +104,8 @@ def paired_test(values: list, baseline: list) -> dict:
   if not len(diff):
     return {"n": 0, "mean_diff": None, "p": None, "wins": 0}
   p = None
-  if len(diff) >= 2 and np.ptp(diff) > 0:
+  # Differences equal up to float rounding leave the t statistic undefined, not infinite.
+  if len(diff) >= 2 and np.ptp(diff) > 1e-9 * max(1.0, float(np.abs(diff).max())):
     p = float(stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs]).pvalue)
   return {"n": len(diff), "mean_diff": float(diff.mean()), "p": p,
           "wins": int(np.sum(diff > 0)), "losses": int(np.sum(diff < 0))}
@@ -79,3 +135,178 @@ def provenance() -> dict:
                       f"python {platform.python_version()}",
           "device": f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform}), "
                     f"host {platform.machine()} with {os.cpu_count()} CPU cores"}
+
+
+# ---- the results tables ------------------------------------------------------------------------
+
+
+def probe_columns(runs: list, kinds=None) -> list:
+  """The probe columns present in any of `runs`, in table order; `kinds` (e.g. ["linear",
+  "few_label"]) keeps only those kinds (few_label: every fraction)."""
+  from metaug_jax.evaluation import probes
+  names = {c for r in runs for c, _ in probes.columns(r["probe"])}
+  return [n for n in probes.column_order(names) if not kinds or n.split(":")[0] in kinds]
+
+
+def run_levels(runs: list, levels=None) -> list:
+  """The feature levels present in any of `runs`, in table order; `levels` keeps only those
+  (the raw-pixel floor's `pixels` is always kept)."""
+  from metaug_jax.evaluation import probes
+  found = {lvl for r in runs for _, lvl in probes.columns(r["probe"])}
+  return [l for l in probes.level_order(found) if not levels or l in levels
+          or l == probes.PIXELS]
+
+
+def same_floors(groups: list) -> list:
+  """[(labels, grid, runs)] from [(label, grid, runs)]: groups whose per-seed results are
+  identical (the same architecture initialised with the same seeds) merged into one, their
+  labels listed together."""
+  from metaug_jax.evaluation import probes
+  merged = {}
+  for label, grid, runs in groups:
+    key = json.dumps([grid, [sorted((f"{c} {l}", v) for (c, l), v in
+                                    probes.columns(r["probe"]).items()) for r in runs]],
+                     sort_keys=True, default=str)
+    merged.setdefault(key, ([], grid, runs))[0].append(label)
+  return list(merged.values())
+
+
+def _grid_cells(grid: dict) -> list:
+  return [f"{v:g}" if isinstance(v, float) else str(v) for v in grid.values()]
+
+
+def _protocol(rows: list) -> dict:
+  return next((r["probe"].get("protocol", {}) for row in rows for r in row["runs"]), {})
+
+
+def results_table(rows: list, pixel_runs: list, grid_keys: list, kinds=None,
+                  levels=None) -> str:
+  """Every row x level with every probe column (mean ± std over seeds), the step time, then
+  the floors: random init (rows with identical floors merged) and raw pixels."""
+  from metaug_jax.evaluation import probes, tables
+  everything = [r for row in rows for r in row["runs"] + row["floors"]] + pixel_runs
+  cols, protocol = probe_columns(everything, kinds), _protocol(rows)
+  head = ["row", *grid_keys, "features", *(probes.column_title(c, protocol) for c in cols),
+          "s / step"]
+  cmc = [r["seconds_per_step"] for row in rows if row["label"] in ("cmc", "CMC")
+         for r in row["runs"]]
+  if cmc:
+    head.append("step time / cmc")
+  body = []
+
+  def lines(label, grid, runs, step_cells):
+    for i, level in enumerate(run_levels(runs, levels)):
+      body.append([label, *_grid_cells(grid), level,
+                   *(tables.mean_std(accuracies(runs, c, level)) for c in cols),
+                   *(step_cells if i == 0 else [""] * len(step_cells))])
+
+  for row in rows:
+    sps = sum(r["seconds_per_step"] for r in row["runs"]) / len(row["runs"])
+    lines(row["label"], row["grid"], row["runs"],
+          [f"{sps:.3f}"] + ([f"{sps / (sum(cmc) / len(cmc)):.2f}x"] if cmc else []))
+  none = [tables.MISSING] * (2 if cmc else 1)
+  for labels, grid, runs in same_floors([(row["label"], row["grid"], row["floors"])
+                                         for row in rows]):
+    lines(f"floor: random init ({', '.join(labels)})", grid, runs, none)
+  if pixel_runs:
+    lines("floor: raw pixels", {k: "" for k in grid_keys}, pixel_runs, none)
+  return tables.markdown_table(head, body)
+
+
+def _test_cell(test: dict) -> str:
+  """'+1.23 (p=0.012, 4/5)': mean difference, p-value, seeds where the row is ahead."""
+  if not test["n"]:
+    return "–"
+  p = "p=–" if test["p"] is None else f"p={test['p']:.3g}"
+  return f"{test['mean_diff']:+.2f} ({p}, {test['wins']}/{test['n']})"
+
+
+def tests_table(rows: list, baseline: str, grid_keys: list, kinds=None, levels=None) -> str:
+  """Paired differences (by seed) of every row and every random-init floor to the baseline
+  row with the same grid overrides, per level and probe column ('' without a baseline)."""
+  from metaug_jax.evaluation import probes, tables
+  if not baseline:
+    return ""
+  def baseline_runs(grid):
+    return next((row["runs"] for row in rows
+                 if baseline in (row["label"], row["method"]) and row["grid"] == grid), None)
+  cols = probe_columns([r for row in rows for r in row["runs"]], kinds)
+  head = ["row", *grid_keys, "features",
+          *(f"{probes.column_title(c, _protocol(rows))} vs {baseline}" for c in cols)]
+  floors = [(f"floor: random init ({', '.join(labels)})", grid, runs)
+            for labels, grid, runs in same_floors([(row["label"], row["grid"], row["floors"])
+                                                   for row in rows])]
+  body = []
+  for label, grid, runs in [(r["label"], r["grid"], r["runs"]) for r in rows] + floors:
+    base = baseline_runs(grid)
+    if runs is base or base is None:
+      continue
+    for level in run_levels(runs, levels):
+      body.append([label, *_grid_cells(grid), level,
+                   *(_test_cell(paired_test(accuracies(runs, c, level),
+                                            accuracies(base, c, level))) for c in cols)])
+  caption = (f"Paired by seed against {baseline}: mean difference in points (two-sided paired "
+             f"t-test p-value, seeds where the row is ahead / seeds):")
+  return caption + "\n\n" + tables.markdown_table(head, body)
+
+
+# ---- the papers' numbers -----------------------------------------------------------------------
+
+
+def ours_cell(runs: list) -> str:
+  """'conv / fc' of our full-label linear probe, means over seeds (for the reference tables)."""
+  from metaug_jax.evaluation import tables
+  cells = []
+  for level in ("conv", "fc"):
+    values = [v for v in accuracies(runs, "linear", level) if v is not None]
+    cells.append(tables.number(sum(values) / len(values) if values else None))
+  return " / ".join(cells)
+
+
+def _paper_cell(numbers: dict, dataset: str) -> str:
+  from metaug_jax.evaluation import tables
+  if dataset not in numbers:
+    return ""
+  return " / ".join(tables.number(v) for v in numbers[dataset])
+
+
+def paper_table(rows: list, dataset: str) -> str:
+  """MetAug's Table 1 numbers (conv / fc) for the rows that have them, every Table 1 data set
+  (empty where none); with a column of ours when this comparison ran on one of them."""
+  from metaug_jax.evaluation import tables
+  from metaug_jax.methods import registry
+  if not any(row["paper"] for row in rows):
+    return ""
+  sets = list(registry.TABLE1_DATASETS)
+  head = ["row", *sets] + ([f"ours on {dataset}"] if dataset in sets else [])
+  first = {}
+  for row in rows:                  # one line per row label (a grid repeats them)
+    first.setdefault(row["label"], row)
+  body = [[label, *(_paper_cell(row["paper"] or {}, d) for d in sets)]
+          + ([ours_cell(row["runs"])] if dataset in sets else []) for label, row in first.items()]
+  return tables.markdown_table(
+      head, body, "Paper (Li et al. 2022, Table 1; 300 epochs, best probe epoch), conv / fc:\n")
+
+
+def other_papers_table(rows: list, dataset: str) -> str:
+  """The rows that the compared methods register from other papers (e.g. the Feature
+  Transformation paper's ImageNet numbers of moco_ft, and MoCo v2's beside them), conv / fc
+  as reported, with a column of ours where this comparison ran on their data set."""
+  from metaug_jax.evaluation import tables
+  from metaug_jax.methods import registry
+  methods = list(dict.fromkeys(row["method"] for row in rows))
+  entries = [(name, r) for name in methods for r in registry.get(name).paper_rows
+             if r.source != registry.TABLE1_SOURCE]
+  if not entries:
+    return ""
+  sets = list(dict.fromkeys(d for _, r in entries for d in r.numbers))
+  ours = {}
+  for row in rows:
+    ours.setdefault(row["method"], ours_cell(row["runs"]))
+  head = ["row", "method", "source", *sets] + ([f"ours on {dataset}"] if dataset in sets else [])
+  body = [[r.label, name, r.source, *(_paper_cell(r.numbers, d) for d in sets)]
+          + ([ours.get(name, "")] if dataset in sets else []) for name, r in entries]
+  return tables.markdown_table(
+      head, body, f"Numbers reported by other papers, conv / fc as reported (– where a paper "
+                  f"gives one figure); ours: not run on these data sets unless a column says "
+                  f"so (this comparison: {dataset}):\n")

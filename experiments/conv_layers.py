@@ -32,6 +32,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from metaug_jax.evaluation.tables import table_lines  # noqa: E402  (no jax: it starts nothing)
+
 RESULT_TAG = "CONV_LAYERS_RESULT "
 LIBRARIES = ("eigen", "xla_default")
 LIBRARY_LABEL = {"eigen": "Eigen (xla_cpu_conv_library=eigen, our default)",
@@ -123,20 +125,21 @@ def _library_section(library: str, result: dict) -> list:
   rate = lambda gflop, ms: f"{gflop / ms * 1e3:.0f}"
   lines = [f"## Convolutions on {LIBRARY_LABEL.get(library, library)}", "",
            f"XLA_FLAGS: `{result['xla_flags'] or '(none)'}`. Reference: a 2048x2048 f32 matmul "
-           f"runs at **{peak:.0f} GFLOP/s**.", "",
-           "| layer | GFLOP / pass | forward ms (GFLOP/s) | weight grad ms (GFLOP/s) | "
-           "input grad ms (GFLOP/s) | tangent ms (jvp) | patch_conv: weight grad ms (GFLOP/s, "
-           "rel. error) | patch_conv: tangent ms |",
-           "|---|---|---|---|---|---|---|---|"]
+           f"runs at **{peak:.0f} GFLOP/s**.", ""]
+  head = ["layer", "GFLOP / pass", "forward ms (GFLOP/s)", "weight grad ms (GFLOP/s)",
+          "input grad ms (GFLOP/s)", "tangent ms (jvp)",
+          "patch_conv: weight grad ms (GFLOP/s, rel. error)", "patch_conv: tangent ms"]
+  body = []
   for r in rows:
     g = r["gflop"]
-    alt = (f"{r['patches_weight_grad']:.1f} ({rate(g, r['patches_weight_grad'])}, "
-           f"{r['patches_rel_error']:.0e}) | {r['patches_tangent']:.1f}"
-           if "patches_weight_grad" in r else "– | –")
-    lines.append(f"| {r['layer']} | {g:.2f} | {r['forward']:.1f} ({rate(g, r['forward'])}) | "
-                 f"{r['weight_grad']:.1f} ({rate(g, r['weight_grad'])}) | "
-                 f"{r['input_grad']:.1f} ({rate(g, r['input_grad'])}) | {r['tangent']:.1f} | "
-                 f"{alt} |")
+    alt = ([f"{r['patches_weight_grad']:.1f} ({rate(g, r['patches_weight_grad'])}, "
+            f"{r['patches_rel_error']:.0e})", f"{r['patches_tangent']:.1f}"]
+           if "patches_weight_grad" in r else ["–", "–"])
+    body.append([r["layer"], f"{g:.2f}", f"{r['forward']:.1f} ({rate(g, r['forward'])})",
+                 f"{r['weight_grad']:.1f} ({rate(g, r['weight_grad'])})",
+                 f"{r['input_grad']:.1f} ({rate(g, r['input_grad'])})", f"{r['tangent']:.1f}",
+                 *alt])
+  lines += table_lines(head, body)
   lines += ["", "One plain step's convs, summed over the three views' encoders (conv1 once "
             "per width, conv2-5 three times; conv1 needs no input gradient): "
             f"forward {_per_step(rows, 'forward'):.0f} ms, weight gradients "
@@ -170,13 +173,14 @@ def render(results: dict, meta: dict) -> str:
     lines += _library_section(library, result)
   if {"eigen", "xla_default"} <= set(results):
     eigen, default = results["eigen"]["rows"], results["xla_default"]["rows"]
-    lines += ["## Side by side", "", "| one plain step's convs | Eigen ms | jaxlib default ms "
-              "| default / Eigen |", "|---|---|---|---|"]
+    body = []
     for part, label in (("forward", "forward"), ("weight_grad", "weight gradients"),
                         ("input_grad", "input gradients"), ("tangent", "tangents (jvp)")):
       total = _input_grads if part == "input_grad" else lambda rows, p=part: _per_step(rows, p)
       e, d = total(eigen), total(default)
-      lines.append(f"| {label} | {e:.0f} | {d:.0f} | {d / e:.2f}x |")
+      body.append([label, f"{e:.0f}", f"{d:.0f}", f"{d / e:.2f}x"])
+    lines += ["## Side by side", "", *table_lines(
+        ["one plain step's convs", "Eigen ms", "jaxlib default ms", "default / Eigen"], body)]
     lines.append("")
   return "\n".join(lines)
 

@@ -26,9 +26,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from configs import fashion_mnist  # noqa: E402
-from metaug_jax import parallel, train  # noqa: E402
-from metaug_jax.data import views as views_lib  # noqa: E402
-from metaug_jax.evaluation import knn  # noqa: E402
+from metaug_jax import train  # noqa: E402
+from metaug_jax.evaluation import features, knn  # noqa: E402
 
 LEVELS = ("conv", "fc", "projection", "embedding")
 EDGE_STEPS = 3   # steps on each side of an epoch boundary in the summary
@@ -48,44 +47,25 @@ def _set(config, assignment: str) -> None:
   node[last] = value
 
 
-def make_featurizer(method, data_config, train_mode_bn: bool):
-  """jitted fn(params, stats, uint8 images) -> {level: (B, V, F)} on the eval views.
+def feature_fn(method, train_mode_bn: bool):
+  """A features.FeatureFn: {level: (B, V, F)} of the encoder on the given views.
 
   train_mode_bn normalises with the batch's own statistics (as in a training forward) instead
-  of the running averages; the batch axis is vmapped under the SyncBN axis name.
+  of the running averages: BatchNorm's batch axis is the extractor's device axis, so the
+  statistics are those of the whole (padded) extraction batch on any number of devices.
   """
 
   def per_view(outs):
     return {lvl: jnp.stack([o[lvl] for o in outs], axis=1) for lvl in LEVELS}
 
-  @jax.jit
-  def feats(params, stats, images):
-    views = views_lib.make_eval_views(images, data_config)
+  def feats(params, stats, views):
     variables = {"params": params["encoder"], "batch_stats": stats["encoder"]}
     if not train_mode_bn:
       return per_view(method.encoder.apply(variables, tuple(views), train=False))
-
-    def forward(vs):
-      outs, _ = method.encoder.apply(variables, vs, train=True, mutable=["batch_stats"])
-      return per_view(outs)
-
-    one = jax.vmap(forward, axis_name=parallel.AXIS)(tuple(v[None] for v in views))
-    return jax.tree.map(lambda x: x[0], one)
+    outs, _ = method.encoder.apply(variables, tuple(views), train=True, mutable=["batch_stats"])
+    return per_view(outs)
 
   return feats
-
-
-def features(fn, params, stats, images, batch_size):
-  """{level: (N, V, F)} in batches of batch_size (the last batch padded by repetition)."""
-  out = []
-  for start in range(0, len(images), batch_size):
-    part = images[start:start + batch_size]
-    pad = batch_size - len(part)
-    if pad:
-      part = np.concatenate([part, np.repeat(part[-1:], pad, axis=0)])
-    got = jax.device_get(fn(params, stats, part))
-    out.append({k: np.asarray(v)[:batch_size - pad] for k, v in got.items()})
-  return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
 
 
 def knn_table(exp, params, stats, memory, test) -> dict:
@@ -93,9 +73,10 @@ def knn_table(exp, params, stats, memory, test) -> dict:
   ec, data = exp.config.eval, exp.dataset
   table = {}
   for bn in ("eval", "train"):
-    fn = make_featurizer(exp.method, exp.config.data, bn == "train")
-    fm = features(fn, params, stats, memory[0], int(ec.batch_size))
-    ft = features(fn, params, stats, test[0], int(ec.batch_size))
+    extract = features.Extractor(feature_fn(exp.method, bn == "train"), exp.config.data,
+                                 int(ec.batch_size), exp.devices)
+    fm = extract(params, stats, memory[0])
+    ft = extract(params, stats, test[0])
     for lvl in LEVELS:
       for views, sl in (("all", slice(None)), ("view0", slice(0, 1))):
         m = fm[lvl][:, sl].reshape(len(memory[0]), -1)

@@ -155,13 +155,15 @@ def measure(config, precisions) -> tuple:
 
 
 def format_table(rows, ref_ratio: float, device: str) -> str:
-  lines = [f"MAG gradient parts at each matmul precision on {device}, against a float64 CPU "
-           f"reference (second-order / direct norm ratio of the reference: {ref_ratio:.3g})",
-           "", "| precision | part | rel. error vs float64 | cosine | norm | second / direct "
-           "| ms per meta-gradient (median of 5) |", "|---|---|---|---|---|---|---|"]
-  lines += [f"| {p} | {part} | {err:.2e} | {cos:.6f} | {norm:.4g} | {ratio:.3g} | {ms:.3g} |"
-            for p, part, err, cos, norm, ratio, ms in rows]
-  return "\n".join(lines)
+  from metaug_jax.evaluation.tables import markdown_table  # pylint: disable=g-import-not-at-top
+  head = ["precision", "part", "rel. error vs float64", "cosine", "norm", "second / direct",
+          "ms per meta-gradient (median of 5)"]
+  body = [[p, part, f"{err:.2e}", f"{cos:.6f}", f"{norm:.4g}", f"{ratio:.3g}", f"{ms:.3g}"]
+          for p, part, err, cos, norm, ratio, ms in rows]
+  return markdown_table(
+      head, body, f"MAG gradient parts at each matmul precision on {device}, against a float64 "
+                  f"CPU reference (second-order / direct norm ratio of the reference: "
+                  f"{ref_ratio:.3g})\n")
 
 
 def main(argv):

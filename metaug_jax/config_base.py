@@ -175,6 +175,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.step = 0                # restore this checkpoint step (0: newest)
   c.eval.knn_k = 20              # weighted kNN monitor / evaluation (Wu et al. 2018 weighting)
   c.eval.knn_temperature = 0.07
+  # The probes after training and in `python -m metaug_jax.eval` (README: Restore for
+  # evaluation), all on features extracted once per split:
+  c.eval.few_label_fractions = (0.01, 0.1)  # linear probes on these fractions of each class's
+                                            # labels (() : none)
+  c.eval.few_label_draws = 5     # seeded label draws per fraction (mean ± std)
+  c.eval.val_fraction = 0.1      # stratified validation split of the training set that picks
+                                 # the probe's epoch; test accuracy there (0: no such probe)
+  c.eval.val_lrs = ()            # probe lr grid searched on validation (() : eval.probe_lr)
+  c.eval.val_weight_decays = ()  # weight decay grid (() : eval.probe_weight_decay)
+  c.eval.knn_levels = ("embedding", "fc")  # kNN classifier on these features (() : none)
   c.eval.monitor_every_steps = 0  # >0: kNN accuracy + score histograms every N steps
   c.eval.monitor_examples = 512  # test examples the online monitor classifies
   c.eval.plots = True            # PNG diagnostics in the workdir at the end of training
@@ -257,6 +267,7 @@ def smoke_run(c: ml_collections.ConfigDict) -> None:
   c.log_every_steps = 2
   c.checkpoint_every_steps = 2
   c.eval.probe_epochs = 5
+  c.eval.few_label_draws = 2
   c.eval.monitor_every_steps = 3
   c.eval.monitor_examples = 64
   c.eval.tsne_max_points = 100

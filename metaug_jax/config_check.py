@@ -74,8 +74,15 @@ class Range:
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-  """One of a fixed set of values."""
+  """One of a fixed set of values (`many`: a tuple of them, possibly empty)."""
   options: tuple
+  many: bool = False
+
+  def accepts(self, value) -> bool:
+    one = lambda v: v in self.options and not isinstance(v, bool)
+    if self.many:
+      return isinstance(value, (tuple, list)) and all(one(v) for v in value)
+    return one(value)
 
 
 def _int(lo: int = 0, hi: Optional[int] = None) -> Range:
@@ -168,6 +175,12 @@ FIELDS: dict[str, Union[Range, Choice]] = {
     "eval.step": _int(0),
     "eval.knn_k": _int(1),
     "eval.knn_temperature": POSITIVE,
+    "eval.few_label_fractions": Range(0, 1, lo_open=True, shape="tuple"),
+    "eval.few_label_draws": _int(1),
+    "eval.val_fraction": Range(0, 1, hi_open=True),
+    "eval.val_lrs": Range(0, lo_open=True, shape="tuple"),
+    "eval.val_weight_decays": Range(0, shape="tuple"),
+    "eval.knn_levels": Choice(("conv", "fc", "mag_hidden", "embedding"), many=True),
     "eval.monitor_every_steps": _int(0),
     "eval.monitor_examples": _int(2),        # score histograms need a negative pair
     "eval.tsne_max_points": _int(0),
@@ -202,8 +215,12 @@ def _flag_value(value) -> str:
 def _field_problem(name: str, value, rule: Union[Range, Choice]) -> Optional[str]:
   """The line for one field outside its FIELDS entry, or None."""
   if isinstance(rule, Choice):
-    if value in rule.options and not isinstance(value, bool):
+    if rule.accepts(value):
       return None
+    if rule.many:
+      return (f"config.{name}={_flag_value(value)} must be a tuple of values from "
+              f"{', '.join(map(repr, rule.options))}; pass e.g. --config.{name}="
+              f"{_flag_value(get_field(config_base.get_base_config(), name))}.")
     return (f"config.{name}={value!r} is not one of {', '.join(map(repr, rule.options))}; "
             f"pass --config.{name}=<one of these>.")
   if rule.accepts(value):

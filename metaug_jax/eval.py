@@ -3,14 +3,15 @@
 Rebuilds the model from the config saved with the checkpoint, with any --config.FIELD=value
 overrides on top (or from --config=FILE, which must match it in every shape-relevant field),
 restores the newest intact (or --step / --config.eval.step) checkpoint without touching the
-training state, and evaluates the frozen encoder (BatchNorm in eval mode) two ways on
-features extracted once:
-  * the linear probe (docs/metaug.md §7) on the conv / fc (/ mag_hidden) features, by the
-    protocol the config names (eval.probe_augment: fresh crop/flip training views per epoch),
-    the same code as training's final probe;
+training state, and evaluates the frozen encoder (BatchNorm in eval mode) with the probes of
+evaluation/probes.py, training's final probe, on features extracted once per split:
+  * linear probes (docs/metaug.md §7) on the conv / fc (/ mag_hidden) features: all labels
+    (eval.probe_augment: the paper's fresh crop/flip views per epoch), few labels
+    (eval.few_label_fractions of each class, eval.few_label_draws draws), and the epoch chosen
+    on a validation split of the training set (eval.val_fraction);
   * the weighted kNN classifier (Wu et al. 2018; k = eval.knn_k, T = eval.knn_temperature) on
-    the contrastive `embedding`, the training-free number InstDisc / MoCo / CMC report.
-Both are printed as one markdown table and saved to DIR/eval_step_<step>.json.
+    eval.knn_levels (the contrastive `embedding` and `fc`).
+They are printed as one markdown table and saved to DIR/eval_step_<step>.json.
 """
 
 import json
@@ -29,9 +30,6 @@ _CONFIG = config_flags.DEFINE_config_file(
     "checkpoint, with any --config.FIELD=value overrides on top.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir holding checkpoints/.")
 _STEP = flags.DEFINE_integer("step", 0, "Checkpoint step to evaluate (0: the newest intact one).")
-
-KNN_FEATURES = "embedding"
-
 
 def _one_line_mismatch(error: Exception, workdir: str, fix: str) -> str:
   """check_compatible's multi-line message as one line, with the eval-specific fix."""
@@ -62,55 +60,21 @@ def eval_config(saved: dict, workdir: str, config=None, overrides=None):
   return config
 
 
-def probe_and_knn(exp, state) -> dict:
-  """Linear probe of every probe level and kNN on the embedding of `state`'s frozen encoder.
-
-  The probe is linear_probe.evaluate, training's probe, on eval-view features extracted once
-  and shared with the kNN. Returns {level: probe results, ..., "knn": {features, dim, k,
-  temperature, test_acc}}; accuracies in percent.
-  """
+def run_probes(exp, state) -> dict:
+  """Every probe of `state`'s frozen encoder (probes.evaluate, training's final probe too):
+  linear (all labels, few labels, validation-selected) per level and the kNN, on features
+  extracted once per split over the experiment's devices."""
   import jax
 
-  from metaug_jax.evaluation import knn, linear_probe
+  from metaug_jax.evaluation import probes
 
-  config, data = exp.config, exp.dataset
-  if data.train_labels is None or data.test_labels is None:
-    raise linear_probe.ProbeNeedsLabelsError(
-        f"dataset {data.name!r} has no labels (or no labelled test set), so neither the "
-        f"linear probe nor the kNN evaluation can run.")
+  probes.check_labels(exp.dataset)
   params, stats = jax.device_get((state.params, state.batch_stats))
-  ec = config.eval
-  train_f, test_f = (linear_probe.extract_features(exp.method, params, stats, images,
-                                                   config.data, ec.batch_size, levels=None)
-                     for images in (data.train_images, data.test_images))
-  results = linear_probe.evaluate(exp.method, params, stats, data, config,
-                                  features=(train_f, test_f))
-  results["knn"] = {
-      "features": KNN_FEATURES, "dim": int(train_f[KNN_FEATURES].shape[1]),
-      "k": int(ec.knn_k), "temperature": float(ec.knn_temperature),
-      "test_acc": knn.knn_accuracy(train_f[KNN_FEATURES], data.train_labels,
-                                   test_f[KNN_FEATURES], data.test_labels, data.num_classes,
-                                   int(ec.knn_k), float(ec.knn_temperature))}
-  return results
-
-
-def format_table(results: dict, title: str) -> str:
-  """One markdown table: a row per probe level, and the kNN row on the embedding."""
-  knn = results.get("knn")
-  knn_head = f"kNN acc (k={knn['k']}, T={knn['temperature']:g})" if knn else "kNN acc"
-  lines = [title, f"| features | dim | probe acc (final) | probe acc (best epoch) | "
-                  f"probe train acc | {knn_head} |", "|---|---|---|---|---|---|"]
-  for level, r in results.items():
-    if level != "knn":
-      lines.append(f"| {level} | {r['dim']} | {r['test_acc']:.2f} | {r['best_test_acc']:.2f} "
-                   f"| {r['train_acc']:.2f} | – |")
-  if knn:
-    lines.append(f"| {knn['features']} | {knn['dim']} | – | – | – | {knn['test_acc']:.2f} |")
-  return "\n".join(lines)
+  return probes.evaluate(exp.method, params, stats, exp.dataset, exp.config, exp.devices)
 
 
 def evaluate_workdir(workdir: str, config=None, step: int = 0, overrides=None) -> dict:
-  """Restores a checkpoint of `workdir`, prints the probe + kNN table, returns the results.
+  """Restores a checkpoint of `workdir`, prints the probes' table, returns the results.
 
   Args:
     workdir: a training workdir holding checkpoints/.
@@ -122,7 +86,7 @@ def evaluate_workdir(workdir: str, config=None, step: int = 0, overrides=None) -
       (the CLI's --config.FIELD=value without --config).
 
   Returns:
-    probe_and_knn's dict; also written to workdir/eval_step_<step>.json (or
+    probes.evaluate's dict; also written to workdir/eval_step_<step>.json (or
     probe_random_init.json with config.eval.random_init).
   """
   from metaug_jax import checkpoint as ckpt_lib
@@ -158,17 +122,17 @@ def evaluate_workdir(workdir: str, config=None, step: int = 0, overrides=None) -
           file=sys.stderr, flush=True)
   exp = experiment(found.config)
   config = exp.config
+  from metaug_jax.evaluation import probes
+
   if config.eval.random_init:
     state = exp.init_state()
-    title = "linear probe and kNN, randomly initialised encoder"
+    title = "linear probes and kNN, randomly initialised encoder"
   else:
     state = found.state
-    title = "linear probe and kNN"
-  if config.eval.probe_augment:
-    title = title.replace("linear probe", "linear probe (augmented training views)")
-  results = probe_and_knn(exp, state)
-  print(format_table(results, f"{title} ({config.dataset}, {config.method}, "
-                              f"step {int(state.step)})"), flush=True)
+    title = "linear probes and kNN"
+  results = run_probes(exp, state)
+  print(probes.format_results(results, f"{title} ({config.dataset}, {config.method}, "
+                                       f"step {int(state.step)})"), flush=True)
   from metaug_jax.evaluation import colour_probe  # eval.colour_probe: prints, writes its JSON
   colour_probe.run_if_enabled(exp, state, workdir)
   name = ("probe_random_init.json" if config.eval.random_init

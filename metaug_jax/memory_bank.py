@@ -30,17 +30,6 @@ def init_banks(key: jax.Array, num_views: int, size: int, dim: int,
   return l2_normalize(banks) if unit_norm else banks
 
 
-def banks_from_embeddings(embeddings: jax.Array, num_views: int) -> jax.Array:
-  """(V, N, D) unit-norm banks from (N, V * D) embeddings, views concatenated (bank.init =
-  "encoder": every row starts as an embedding of its own image, so the positive of an
-  example visited early in the first epoch is no longer a random row;
-  docs/contrastive_baselines.md §3.1)."""
-  chex.assert_rank(embeddings, 2)
-  n = embeddings.shape[0]
-  banks = jnp.transpose(embeddings.reshape(n, num_views, -1), (1, 0, 2))
-  return l2_normalize(banks.astype(jnp.float32))
-
-
 def directions(num_views: int) -> tuple[tuple[int, int], ...]:
   """The ordered cross-view pairs (query view x, bank view y), x != y: V(V-1) of them."""
   return tuple(itertools.permutations(range(num_views), 2))

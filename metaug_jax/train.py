@@ -2,7 +2,7 @@
 
 Order of work: validate config -> load data -> build method -> init or resume state (from
 the newest intact checkpoint) -> pmapped, finite-guarded steps with progress, JSON-lines
-metrics and periodic checkpoints -> final checkpoint -> linear probe on the frozen encoder.
+metrics and periodic checkpoints -> final checkpoint -> probes of the frozen encoder.
 
 Long runs stop safely: Ctrl-C and SIGTERM save the last finished step (Interrupted); a NaN
 or inf anywhere in a step's metrics or updated state stops the run before it is checkpointed
@@ -24,15 +24,16 @@ import ml_collections
 from absl import logging
 
 from metaug_jax import checkpoint as ckpt_lib
-from metaug_jax import config_check, finite_guard, host_memory, memory_bank, methods, parallel
+from metaug_jax import config_check, finite_guard, host_memory, methods, parallel
 from metaug_jax import progress as progress_lib
 from metaug_jax import xla_runtime
 from metaug_jax.data import loader as loader_lib
 from metaug_jax.data import sources
 from metaug_jax.data import views as views_lib
-from metaug_jax.evaluation import colour_probe, linear_probe
+from metaug_jax.evaluation import colour_probe
+from metaug_jax.evaluation import features as features_lib
 from metaug_jax.evaluation import monitor as monitor_lib
-from metaug_jax.evaluation import plots
+from metaug_jax.evaluation import plots, probes
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -110,12 +111,13 @@ class Experiment:
     key = jax.random.PRNGKey(self.config.seed if seed is None else seed)
     state = jax.jit(self.method.init)(key, self._sample_views())
     if self.method.uses_bank and self.config.bank.init == "encoder":
-      embeddings = linear_probe.extract_features(
-          self.method, state.params, state.batch_stats, self.dataset.pretrain_images,
-          self.config.data, batch_size=self.config.eval.batch_size,
-          levels=("embedding",))["embedding"]
-      state = state.replace(banks=memory_bank.banks_from_embeddings(
-          jax.numpy.asarray(embeddings), self.method.num_views))
+      extract = features_lib.method_extractor(self.method, self.config.data,
+                                              self.config.eval.batch_size, self.devices,
+                                              names=("embedding",))
+      embeddings = extract(state.params, state.batch_stats, self.dataset.pretrain_images)
+      # Embeddings are unit-norm per view already: view v's block is bank v.
+      state = state.replace(banks=jax.numpy.asarray(
+          features_lib.split_views(embeddings["embedding"], self.method.num_views)))
     return state
 
   def abstract_state(self):
@@ -374,12 +376,13 @@ def _alive(state) -> bool:
 
 
 def evaluate_state(exp: Experiment, state, workdir: Optional[str] = None,
-                   title: str = "linear probe") -> dict:
-  """Linear probe of a state's frozen encoder; prints a table and writes probe JSON."""
+                   title: str = "linear probes and kNN") -> dict:
+  """Every probe of a state's frozen encoder (evaluation/probes.py: linear with all and few
+  labels, validation-selected, kNN); prints a table and writes probe_step_N.json."""
   params, stats = jax.device_get((state.params, state.batch_stats))
-  results = linear_probe.evaluate(exp.method, params, stats, exp.dataset, exp.config)
-  print(linear_probe.format_table(results, f"{title} ({exp.config.dataset}, "
-                                           f"{exp.config.method}, step {int(state.step)})"),
+  results = probes.evaluate(exp.method, params, stats, exp.dataset, exp.config, exp.devices)
+  print(probes.format_results(results, f"{title} ({exp.config.dataset}, "
+                                       f"{exp.config.method}, step {int(state.step)})"),
         flush=True)
   if workdir and jax.process_index() == 0:
     with open(os.path.join(workdir, f"probe_step_{int(state.step)}.json"), "w") as f:
@@ -388,7 +391,7 @@ def evaluate_state(exp: Experiment, state, workdir: Optional[str] = None,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Pre-train, checkpoint, then linear-probe; returns the probe results (or {})."""
+  """Pre-train, checkpoint, then probe (evaluate_state); returns the probe results (or {})."""
   exp = build_experiment(config)
   config_check.validate_probe_data(config, exp.dataset)  # before training, not after it
   exp, state = train(config, workdir, exp)

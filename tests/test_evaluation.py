@@ -15,7 +15,7 @@ from metaug_jax import checkpoint as ckpt_lib
 from metaug_jax import cli
 from metaug_jax import eval as eval_lib
 from metaug_jax import train
-from metaug_jax.evaluation import knn, linear_probe, monitor, plots
+from metaug_jax.evaluation import features, knn, monitor, plots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -202,15 +202,26 @@ def test_write_diagnostics_on_a_real_state(tiny, tmp_path):
 # ---- restore for eval ------------------------------------------------------------------------
 
 
-def test_evaluate_workdir_prints_probe_and_knn(tiny, capsys):
+def test_evaluate_workdir_prints_every_probe(tiny, capsys):
   _, state, workdir = tiny
   results = eval_lib.evaluate_workdir(workdir)
   out = capsys.readouterr().out
-  assert "| conv |" in out and "| embedding |" in out and "kNN acc (k=20, T=0.07)" in out
-  assert {"conv", "fc", "knn"} <= set(results)
-  assert 0.0 <= results["knn"]["test_acc"] <= 100.0
+  for column in ("| all labels |", "| 1 % labels | 10 % labels |", "| val-selected (epoch) |",
+                 "| kNN (k=20, T=0.07) |"):
+    assert column in out
+  assert "| conv |" in out and "| mag_hidden |" in out and "| embedding |" in out
+  assert set(results["linear"]) == set(results["few_label"]) == set(results["val_selected"]) \
+      == {"conv", "fc", "mag_hidden"}
+  assert set(results["knn"]) == {"embedding", "fc"}
+  assert set(results["few_label"]["fc"]) == {"0.01", "0.1"}
+  assert len(results["few_label"]["fc"]["0.1"]["accs"]) == exp_draws(tiny)
+  assert 0.0 <= results["knn"]["embedding"]["test_acc"] <= 100.0
   with open(os.path.join(workdir, f"eval_step_{int(state.step)}.json")) as f:
-    assert json.load(f)["knn"]["k"] == 20
+    assert json.load(f)["knn"]["embedding"]["k"] == 20
+
+
+def exp_draws(tiny) -> int:
+  return int(tiny[0].config.eval.few_label_draws)
 
 
 def test_evaluate_workdir_with_a_different_config_is_a_one_line_error(tiny):
@@ -230,7 +241,7 @@ def test_evaluate_workdir_leaves_out_training_xla_settings(tiny):
   config.xla_cse, config.xla_cpu_scheduler = False, "memory"
   flags_before = os.environ.get("XLA_FLAGS")
   results = eval_lib.evaluate_workdir(workdir, config)
-  assert {"conv", "fc", "knn"} <= set(results)
+  assert {"conv", "fc"} <= set(results["linear"]) and results["knn"]
   assert os.environ.get("XLA_FLAGS") == flags_before
 
 
@@ -272,12 +283,12 @@ def _eval_cli(*args):
 def test_evaluate_workdir_skips_a_damaged_newest_checkpoint(three_steps, tmp_path, capsys):
   copy = ckpt_damage.copy_workdir(three_steps, tmp_path / "w")
   ckpt_damage.truncate_largest_file(copy, 6)
-  results = eval_lib.evaluate_workdir(copy, overrides={"eval.probe_epochs": 1})
+  results = eval_lib.evaluate_workdir(copy)     # the tiny config's probes: compiled already
   out, err = capsys.readouterr()
   [warning] = [l for l in err.splitlines() if l.strip()]
   assert warning.startswith("warning: skipping the checkpoint at step 6 (truncated or "
                             "unreadable state: ") and warning.endswith("; evaluating step 4")
-  assert "step 4)" in out and {"conv", "fc", "knn"} <= set(results)
+  assert "step 4)" in out and {"conv", "fc"} <= set(results["linear"]) and results["knn"]
   assert os.path.exists(os.path.join(copy, "eval_step_4.json"))
   assert sorted(os.listdir(os.path.join(copy, "checkpoints"))) == ["2", "4", "6"]  # read only
 
@@ -299,31 +310,34 @@ def test_evaluate_workdir_at_a_damaged_step_or_over_only_damaged_ones_is_one_lin
 
 
 def test_evaluate_workdir_probes_by_the_configured_protocol(tiny, monkeypatch):
-  """eval.probe_augment: the probe's training features are fresh augmented views each epoch,
-  through linear_probe.evaluate, as training's final probe."""
+  """eval.probe_augment: the full-label probe's training features are fresh augmented views
+  each epoch, through probes.evaluate, as training's final probe; the other probes reuse the
+  eval-view features extracted once per split."""
   _, _, workdir = tiny
-  keys = []
-  extract = linear_probe.extract_features
+  calls = []
+  extract = features.Extractor.__call__
 
-  def spy(*args, augment_key=None, **kwargs):
-    if augment_key is not None:
-      keys.append(np.asarray(jax.random.key_data(augment_key)).tolist())
-    return extract(*args, augment_key=augment_key, **kwargs)
+  def spy(self, params, batch_stats, images, keys=None):
+    calls.append(None if keys is None else np.asarray(keys).tolist())
+    return extract(self, params, batch_stats, images, keys=keys)
 
-  monkeypatch.setattr(linear_probe, "extract_features", spy)
+  monkeypatch.setattr(features.Extractor, "__call__", spy)
   config = digits.get_config("tiny")
   config.eval.probe_augment = True
   config.eval.probe_epochs = 2
+  config.eval.few_label_fractions, config.eval.val_fraction = (), 0.0   # test_probes' part
   results = eval_lib.evaluate_workdir(workdir, config)
-  assert len(keys) == 2 and keys[0] != keys[1]       # one fresh set of views per epoch
-  assert results["conv"]["augmented"] and results["fc"]["augmented"]
-  assert "knn" in results
+  assert calls[:2] == [None, None]                    # train and test eval views, once each
+  keyed = calls[2:]
+  assert len(keyed) == 2 and keyed[0] != keyed[1]    # one fresh set of views per epoch
+  assert results["linear"]["conv"]["augmented"] and results["linear"]["fc"]["augmented"]
+  assert results["knn"]["embedding"] and not results["few_label"] \
+      and not results["val_selected"]
 
 
 def test_evaluate_workdir_puts_overrides_on_the_saved_config(tiny):
   _, _, workdir = tiny
-  results = eval_lib.evaluate_workdir(workdir, overrides={"eval.random_init": True,
-                                                          "eval.probe_epochs": 1})
+  results = eval_lib.evaluate_workdir(workdir, overrides={"eval.random_init": True})
   with open(os.path.join(workdir, "probe_random_init.json")) as f:
     assert json.load(f) == json.loads(json.dumps(results))
   with pytest.raises(ckpt_lib.CheckpointMismatchError) as err:
@@ -336,12 +350,15 @@ def test_evaluate_workdir_puts_overrides_on_the_saved_config(tiny):
 @pytest.mark.slow
 def test_eval_cli_overrides_without_config(tiny):
   _, _, workdir = tiny
-  r = _eval_cli(f"--workdir={workdir}", "--config.eval.random_init=True")
+  # Every probe but the full-label one and the kNN switched off from the command line.
+  only = ("--config.eval.few_label_fractions=()", "--config.eval.val_fraction=0")
+  r = _eval_cli(f"--workdir={workdir}", "--config.eval.random_init=True", *only)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "randomly initialised encoder" in r.stdout
-  r = _eval_cli(f"--workdir={workdir}", "--config.eval.probe_epochs=2")
+  r = _eval_cli(f"--workdir={workdir}", "--config.eval.probe_epochs=2", *only)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert "| conv |" in r.stdout and "Traceback" not in r.stderr
+  assert "| conv |" in r.stdout and "Traceback" not in r.stderr and "| kNN (k=" in r.stdout
+  assert "% labels" not in r.stdout and "val-selected" not in r.stdout
   r = _eval_cli(f"--workdir={workdir}", "--config.model.width=1.0")
   assert r.returncode == 2
   [line] = [l for l in r.stderr.splitlines() if l.strip()]

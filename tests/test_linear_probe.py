@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from metaug_jax import train
-from metaug_jax.evaluation import linear_probe
+from metaug_jax.evaluation import features, linear_probe, probes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -34,19 +34,20 @@ def test_augmented_protocol_uses_fresh_keyed_views():
   config.num_devices = 1
   config.eval.probe_augment = True
   config.eval.probe_epochs = 2
+  # Only the full-label probe follows the augmented protocol; the others are tested elsewhere.
+  config.eval.few_label_fractions, config.eval.val_fraction, config.eval.knn_levels = (), 0.0, ()
   exp = train.build_experiment(config)
   state = jax.device_get(exp.init_state())
   images = exp.dataset.train_images[:40]
-  extract = lambda **kw: linear_probe.extract_features(
-      exp.method, state.params, state.batch_stats, images, config.data, 16, **kw)
-  key = jax.random.PRNGKey(3)
-  a, b = extract(augment_key=key), extract(augment_key=key)
-  clean = extract()
+  extractor = features.method_extractor(exp.method, config.data, 16, exp.devices)
+  extract = lambda keys=None: extractor(state.params, state.batch_stats, images, keys=keys)
+  keys = lambda seed: features.example_keys(jax.random.PRNGKey(seed), len(images))
+  a, b = extract(keys(3)), extract(keys(3))
   np.testing.assert_array_equal(a["fc"], b["fc"])         # same key, same views
-  assert not np.allclose(a["fc"], clean["fc"])            # augmented != eval views
-  assert not np.allclose(a["fc"], extract(augment_key=jax.random.PRNGKey(4))["fc"])
-  results = linear_probe.evaluate(exp.method, state.params, state.batch_stats, exp.dataset,
-                                  config)
-  assert {"conv", "fc"} <= set(results)
-  for r in results.values():
+  assert not np.allclose(a["fc"], extract()["fc"])        # augmented != eval views
+  assert not np.allclose(a["fc"], extract(keys(4))["fc"])
+  results = probes.evaluate(exp.method, state.params, state.batch_stats, exp.dataset, config,
+                            exp.devices)
+  assert {"conv", "fc"} <= set(results["linear"]) and results["protocol"]["probe_augment"]
+  for r in results["linear"].values():
     assert r["augmented"] and 0.0 <= r["test_acc"] <= 100.0 and r["best_test_acc"] >= r["test_acc"]

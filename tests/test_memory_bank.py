@@ -18,14 +18,6 @@ def test_init_rows_are_unit_norm():
   np.testing.assert_allclose(np.linalg.norm(banks, axis=-1), 1.0, atol=1e-5)
 
 
-def test_banks_from_embeddings_splits_views_and_normalises():
-  emb = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 6) + 1.0   # N=2, V=3, D=2
-  banks = np.asarray(memory_bank.banks_from_embeddings(jnp.asarray(emb), 3))
-  assert banks.shape == (3, 2, 2)
-  for v in range(3):
-    np.testing.assert_allclose(banks[v], _unit(emb[:, 2 * v:2 * v + 2]), rtol=1e-6)
-
-
 def test_update_is_normalised_momentum_average_of_batch_rows_only():
   rng = np.random.default_rng(0)
   banks = jnp.asarray(_unit(rng.normal(size=(2, 10, 4))), jnp.float32)

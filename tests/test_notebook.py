@@ -106,7 +106,8 @@ def test_notebook_runs_end_to_end_on_cpu(tmp_path):
       [python, "-c", "import metaug_jax; print(metaug_jax.__file__)"], cwd=str(tmp_path),
       env=env, capture_output=True, text=True, check=True).stdout
   assert "batch_size 30 -> 32" in r.stdout
-  assert "| fc |" in r.stdout and "| embedding |" in r.stdout and "kNN acc" in r.stdout
+  assert "| fc |" in r.stdout and "| embedding |" in r.stdout and "| kNN (k=" in r.stdout
+  assert "| 10 % labels |" in r.stdout and "| val-selected (epoch) |" in r.stdout
   assert (workdir / "eval_step_4.json").exists()
   for name in ("curves.png", "score_hist.png", "embedding_2d.png"):
     with open(workdir / name, "rb") as f:

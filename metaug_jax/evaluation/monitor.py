@@ -21,14 +21,14 @@ RNG, so a monitored run trains exactly like an unmonitored one.
 
 import json
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from metaug_jax.data import views as views_lib
+from metaug_jax.evaluation import features as features_lib
 from metaug_jax.evaluation import knn
 
 MEMORY_EXAMPLES = 2000          # labelled train images in the kNN memory (at most)
@@ -36,64 +36,6 @@ HIST_BINS = 50
 HIST_RANGE = (-1.0, 1.0)
 SCORE_HIST_FILE = "score_hist.jsonl"
 _SUBSET_SEED_OFFSET = 7919      # subsets / augmentation keys: independent of the training RNG
-
-
-def make_eval_embedder(method, data_config) -> Callable:
-  """A jitted fn(params, batch_stats, uint8 images) -> (B, V*D) float32 eval-view embeddings.
-
-  Parameters are arguments (not closed-over constants), so one compilation serves every call
-  with the same batch shape.
-  """
-
-  @jax.jit
-  def embed(params, batch_stats, images):
-    views = views_lib.make_eval_views(images, data_config)
-    return method.features(params, batch_stats, views)["embedding"].astype(jnp.float32)
-
-  return embed
-
-
-def make_view_embedder(method, data_config, embedding_dim: int) -> Callable:
-  """A jitted fn(params, batch_stats, keys, uint8 images) -> (V, B, D) per-view embeddings.
-
-  Views are training augmentations drawn from the given per-example keys; embedding v is
-  encoder v applied to view v (or the shared encoder), in eval mode.
-  """
-
-  @jax.jit
-  def embed(params, batch_stats, keys, images):
-    views = views_lib.make_train_views_from_keys(keys, images, data_config)
-    z = method.features(params, batch_stats, views)["embedding"].astype(jnp.float32)
-    chex.assert_shape(z, (images.shape[0], len(views) * embedding_dim))
-    return jnp.stack(jnp.split(z, len(views), axis=-1))
-
-  return embed
-
-
-def batched(fn: Callable, batch_size: int, *arrays):
-  """Applies fn(*batch) over the leading axis of `arrays` in fixed-size batches.
-
-  The last batch is padded by repeating its final row, so there is one batch shape and one
-  compilation. Every output leaf of fn (a pytree) must have the batch on its second-to-last
-  axis ((B, F) or (V, B, F)); the batches are concatenated there with the padding removed.
-  """
-  n = arrays[-1].shape[0]
-  outs = []
-  for start in range(0, n, batch_size):
-    parts = [a[start:start + batch_size] for a in arrays]
-    pad = batch_size - parts[-1].shape[0]
-    if pad:
-      parts = [np.concatenate([p, np.repeat(p[-1:], pad, axis=0)]) for p in parts]
-    out = jax.device_get(fn(*parts))
-    outs.append(jax.tree.map(lambda x, keep=batch_size - pad: np.asarray(x)[..., :keep, :],
-                             out))
-  return jax.tree.map(lambda *xs: np.concatenate(xs, axis=-2), *outs)
-
-
-def embed_images(embedder: Callable, params, batch_stats, images: np.ndarray,
-                 batch_size: int) -> np.ndarray:
-  """(N, V*D) eval-view embeddings of uint8 images, in batches of `batch_size`."""
-  return batched(lambda b: embedder(params, batch_stats, b), batch_size, images)
 
 
 def score_histograms(z0: np.ndarray, z1: np.ndarray) -> dict:
@@ -126,7 +68,7 @@ class Monitor:
 
   def __init__(self, exp, workdir: Optional[str] = None,
                memory_examples: int = MEMORY_EXAMPLES):
-    """Picks the subsets and builds the jitted embedders.
+    """Picks the subsets and builds the embedder (features.Extractor over exp.devices).
 
     Args:
       exp: the train.Experiment (config, dataset and method are read).
@@ -161,9 +103,9 @@ class Monitor:
     self.pair_images = self.memory_images[:n_pairs]
     key = jax.random.key(int(config.seed) + _SUBSET_SEED_OFFSET)
     self.pair_keys = np.asarray(jax.random.key_data(jax.random.split(key, n_pairs)))
-    self._eval_embed = make_eval_embedder(exp.method, config.data)
-    self._view_embed = make_view_embedder(exp.method, config.data,
-                                          int(config.model.embedding_dim))
+    self.num_views = views_lib.num_views(config.data)
+    self._embed = features_lib.method_extractor(exp.method, config.data, self.batch_size,
+                                                exp.devices, names=("embedding",))
 
   @classmethod
   def maybe_create(cls, exp, workdir: Optional[str] = None) -> Optional["Monitor"]:
@@ -182,14 +124,13 @@ class Monitor:
 
   def evaluate(self, params, batch_stats) -> tuple[dict, dict]:
     """(scalar metrics, histogram record) of host parameters; pure, writes nothing."""
-    memory = embed_images(self._eval_embed, params, batch_stats, self.memory_images,
-                          self.batch_size)
-    test = embed_images(self._eval_embed, params, batch_stats, self.test_images,
-                        self.batch_size)
-    acc = knn.knn_accuracy(memory, self.memory_labels, test, self.test_labels,
-                           self.num_classes, self.k, self.temperature)
-    z = batched(lambda k, b: self._view_embed(params, batch_stats, k, b), self.batch_size,
-                self.pair_keys, self.pair_images)
+    embed = lambda images, keys=None: self._embed(params, batch_stats, images,
+                                                  keys=keys)["embedding"]
+    acc = knn.knn_accuracy(embed(self.memory_images), self.memory_labels,
+                           embed(self.test_images), self.test_labels, self.num_classes, self.k,
+                           self.temperature)
+    # View v's embedding of each pair image under its fixed training augmentation.
+    z = features_lib.split_views(embed(self.pair_images, self.pair_keys), self.num_views)
     chex.assert_rank(z, 3)
     hist = score_histograms(z[0], z[1])
     metrics = {"knn_acc": acc, "monitor_pos_mean": hist["pos_mean"],

@@ -32,6 +32,7 @@ from absl import logging
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from metaug_jax.evaluation import features as features_lib
 from metaug_jax.evaluation import monitor as monitor_lib
 
 METRICS_FILE = "metrics.jsonl"
@@ -362,9 +363,9 @@ def embedding_points(exp, state, max_points: int) -> tuple[np.ndarray, np.ndarra
   rng = np.random.default_rng(int(config.seed))
   idx = np.sort(rng.permutation(images.shape[0])[:max(1, int(max_points))])
   params, batch_stats = jax.device_get((state.params, state.batch_stats))
-  embed = monitor_lib.make_eval_embedder(exp.method, config.data)
-  feats = monitor_lib.embed_images(embed, params, batch_stats, images[idx],
-                                   int(config.eval.batch_size))
+  embed = features_lib.method_extractor(exp.method, config.data, int(config.eval.batch_size),
+                                        exp.devices, names=("embedding",))
+  feats = embed(params, batch_stats, images[idx])["embedding"]
   xy, name = reduce_to_2d(feats, int(config.seed))
   return xy, np.asarray(labels)[idx].astype(np.int32), name
 

@@ -52,7 +52,11 @@ def queue_check(name: str):
             "temperature": Range(0, lo_open=True)},
     variant=siamese.two_view_variant, check=queue_check("moco"),
     paper_rows=(PaperRow("MoCo", {}, table1(35.90, 41.37, 77.50, 79.73, 76.37, 79.30,
-                                             51.04, 52.31)),))
+                                             51.04, 52.31)),
+                # The baseline beside moco_ft's rows, from the same source (ResNet-50,
+                # 200 epochs; docs/feature_transformation.md).
+                PaperRow("MoCo v2", {}, {"imagenet1k": (67.5, None)},
+                         source="FT (ICCV 2021), README of the released code")))
 class MoCo(siamese.TwoViewMethod):
   """MoCo v2 with a shared two-view query encoder and its momentum copy."""
 
