@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from metaug_jax.data import hierarchical
-from metaug_jax.evaluation import linear_probe
+from metaug_jax.evaluation import features as features_lib
+from metaug_jax.evaluation import linear_probe, tables
 
 NUM_BINS = 10
 JITTER = (0.4, 0.4, 0.4, 0.1)   # (brightness, contrast, saturation, hue) ranges at |t| = 1
@@ -134,8 +135,9 @@ def evaluate(method, params, batch_stats, dataset, config, seed: Optional[int] =
   ec = config.eval
   seed = config.seed if seed is None else seed
   key = jax.random.PRNGKey(seed)
-  extract = functools.partial(linear_probe.extract_features, method, params, batch_stats,
-                              data_config=config.data, batch_size=ec.batch_size)
+  extractor = features_lib.method_extractor(method, config.data, ec.batch_size,
+                                            names=linear_probe.LEVELS)
+  extract = functools.partial(extractor, params, batch_stats)
   splits = []
   for stream, images in zip((_TRAIN_STREAM, _TEST_STREAM),
                             _split(dataset, seed, int(ec.colour_probe_examples))):
@@ -156,12 +158,12 @@ def evaluate(method, params, batch_stats, dataset, config, seed: Optional[int] =
 
 def format_table(results: dict, title: str) -> str:
   """A markdown table: one row per level, the chance level beside."""
-  lines = [title, "| features | dim (2 copies) | test acc (final) | test acc (best epoch) | "
-                  "train acc | chance |", "|---|---|---|---|---|---|"]
-  for level, r in results.items():
-    lines.append(f"| {level} | {r['dim']} | {r['test_acc']:.2f} | {r['best_test_acc']:.2f} | "
-                 f"{r['train_acc']:.2f} | {r['chance']:.2f} |")
-  return "\n".join(lines)
+  head = ["features", "dim (2 copies)", "test acc (final)", "test acc (best epoch)",
+          "train acc", "chance"]
+  rows = [[level, r["dim"], *(tables.number(r[k]) for k in ("test_acc", "best_test_acc",
+                                                               "train_acc", "chance"))]
+          for level, r in results.items()]
+  return tables.markdown_table(head, rows, title)
 
 
 def run_if_enabled(exp, state, workdir: Optional[str] = None) -> Optional[dict]:
