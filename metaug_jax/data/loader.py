@@ -22,7 +22,7 @@ class EpochLoader:
   each permutation are dropped. With order="uniform", every step draws its global batch
   afresh (without replacement inside the batch) from `default_rng([seed, UNIFORM_STREAM,
   step])`, so an example's memory-bank row is as old, on average, as any other row when it
-  is visited (docs/contrastive_baselines.md §2.3); "epochs" then only count steps. The global batch is
+  is visited (docs/contrastive_baselines.md §3.1); "epochs" then only count steps. The global batch is
   split contiguously: device `d` of process `p` holds global-batch rows
   `[(p * num_devices + d) * b, (p * num_devices + d + 1) * b)` with
   `b = global_batch_size // (process_count * num_devices)`.
