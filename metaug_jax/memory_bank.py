@@ -13,8 +13,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from metaug_jax import feature_aug, parallel
 from metaug_jax.models.layers import l2_normalize
-from metaug_jax import parallel
 
 
 def init_banks(key: jax.Array, num_views: int, size: int, dim: int,
@@ -65,8 +65,70 @@ def draw_indices(key: jax.Array, anchor_index: jax.Array, global_batch: int,
   return call_indices(anchor_index, negatives)
 
 
-# Banks up to this many times the K+1 rows of a call are scored densely (see score_call).
+# Banks up to this many times the K+1 rows of a call are scored densely (see BankCall).
 DENSE_SCORING_MAX_ROWS_PER_CALL_ROW = 64
+
+
+class BankCall:
+  """One bank call (docs/metaug.md §4.2): every view's query against the other views' banks
+  at the same (B, K+1) sampled rows, handed to a loss as one `ContrastBatch` per direction.
+
+  `contrast_batches(queries, originals)` gives, for each direction (x, y) of `directions(V)`,
+  anchor = query x, positive = its own row of bank y (column 0), negatives = the K sampled rows
+  of bank y, to_enqueue = the original embedding x (never the query, which may be augmented).
+  The rows carry no gradient.
+
+  `scorer(batch)` gives a direction's (B, 1 + K) dot products. Rows that no augmenter replaced
+  (the very arrays `contrast_batches` put in) are scored densely while the bank is small
+  (N <= 64 (K+1)): each query against the whole bank, (B, D) x (D, N), then the (B, K+1)
+  columns picked. That never materialises the gathered rows, which every differentiation pass
+  of MetAug's step would otherwise keep (96 MiB per call at the paper's batch 64, K 1024,
+  3 views); the gather is then dead code that XLA removes. Both ways give the same scores and
+  gradients (tested). Rows an augmenter rewrote are scored as they are.
+  """
+
+  def __init__(self, banks: jax.Array, indices: jax.Array, dense: Optional[bool] = None):
+    """banks: (V, N, D), treated as a constant; indices: (B, K+1), column 0 the anchor's own
+    row; dense: force one way of scoring untouched rows (None: by the bank size)."""
+    chex.assert_rank([banks, indices], [3, 2])
+    self.banks = jax.lax.stop_gradient(banks)
+    self.indices = indices
+    self.dense = (banks.shape[1] <= DENSE_SCORING_MAX_ROWS_PER_CALL_ROW * indices.shape[1]
+                  if dense is None else dense)
+    rows = gather(self.banks, indices)                       # (V, B, K+1, D)
+    self._positive = [rows[y][:, :1] for y in range(banks.shape[0])]
+    self._negatives = [rows[y][:, 1:] for y in range(banks.shape[0])]
+
+  def contrast_batches(self, queries: Sequence[jax.Array],
+                       originals: Sequence[jax.Array]) -> tuple:
+    """One ContrastBatch per direction, in `directions(V)` order.
+
+    Args:
+      queries: V arrays (B, D), the unit-norm queries of this call (original or augmented).
+      originals: V arrays (B, D), the original embeddings (`to_enqueue`).
+    """
+    chex.assert_equal_shape(list(queries) + list(originals))
+    return tuple(
+        feature_aug.ContrastBatch(anchor=queries[x], positive=self._positive[y],
+                                  negatives=self._negatives[y], to_enqueue=originals[x])
+        for x, y in directions(len(queries)))
+
+  def _untouched_bank(self, batch: feature_aug.ContrastBatch) -> Optional[int]:
+    """The bank y whose rows `batch` still holds unchanged, or None."""
+    for y, (pos, neg) in enumerate(zip(self._positive, self._negatives)):
+      if batch.positive is pos and batch.negatives is neg:
+        return y
+    return None
+
+  def scorer(self, batch: feature_aug.ContrastBatch) -> jax.Array:
+    """(B, 1 + K) dot products of a direction's anchor with its positive and negatives."""
+    y = self._untouched_bank(batch)
+    if not self.dense or y is None or batch.extra_positive is not None \
+        or batch.extra_negative is not None:
+      pos = feature_aug.positive_scores(batch)
+      return jnp.concatenate([pos, feature_aug.negative_scores(batch)], axis=1)
+    cos_all = jnp.einsum("bd,nd->bn", batch.anchor, self.banks[y])
+    return jnp.take_along_axis(cos_all, self.indices, axis=1)
 
 
 def score_call(queries: Sequence[jax.Array], banks: jax.Array, indices: jax.Array,
