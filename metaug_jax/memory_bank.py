@@ -131,51 +131,6 @@ class BankCall:
     return jnp.take_along_axis(cos_all, self.indices, axis=1)
 
 
-def score_call(queries: Sequence[jax.Array], banks: jax.Array, indices: jax.Array,
-               dense: Optional[bool] = None) -> jax.Array:
-  """One bank call: d = (cos + 1) / 2 for every directed view pair (docs/metaug.md §3.4).
-
-  Two equal ways (tested): gather the (B, K+1, D) rows of each bank, then dot them with the
-  queries; or score each query against the whole bank, (B, D) x (D, N), and pick the (B, K+1)
-  columns. Dense scoring never materialises the gathered rows, which every call and every
-  differentiation pass of MetAug's step would otherwise keep (96 MiB per call at the paper's
-  batch 64, K 1024, 3 views), and is cheap while N is not much larger than K+1; `dense=None`
-  chooses it when N <= 64 (K+1).
-
-  Args:
-    queries: V arrays (B, D), unit-norm query embeddings (original or augmented).
-    banks: (V, N, D) bank array (treated as a constant).
-    indices: (B, K+1) rows to compare with; column 0 is the positive.
-    dense: force one way (None: by the bank size).
-
-  Returns:
-    (B, V(V-1), K+1) scores in [0, 1], directions ordered as `directions(V)`.
-  """
-  if dense is None:
-    dense = banks.shape[1] <= DENSE_SCORING_MAX_ROWS_PER_CALL_ROW * indices.shape[1]
-  if not dense:
-    return scores_from_rows(queries, gather(banks, indices))
-  chex.assert_equal_shape(queries)
-  banks = jax.lax.stop_gradient(banks)
-  out = []
-  for x, y in directions(len(queries)):
-    cos_all = jnp.einsum("bd,nd->bn", queries[x], banks[y])
-    cos = jnp.take_along_axis(cos_all, indices, axis=1)
-    out.append((cos + 1.0) / 2.0)
-  return jnp.stack(out, axis=1)
-
-
-def scores_from_rows(queries: Sequence[jax.Array], rows: jax.Array) -> jax.Array:
-  """`score_call` on rows already gathered with `gather` (V, B, K+1, D)."""
-  num_views = len(queries)
-  chex.assert_equal_shape(queries)
-  out = []
-  for x, y in directions(num_views):
-    cos = jnp.einsum("bd,bkd->bk", queries[x], rows[y])
-    out.append((cos + 1.0) / 2.0)
-  return jnp.stack(out, axis=1)
-
-
 def split_scores(scores: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(B, P, K+1) call scores -> positives (B, P) and all negatives flattened (B, P*K)."""
   pos = scores[:, :, 0]

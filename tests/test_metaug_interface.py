@@ -1,12 +1,16 @@
-"""The loss adapters (losses/adapters.py) against direct formulas, a bank call's
-ContrastBatches through them, and an augmenter that would enqueue augmented features refused."""
+"""MetAug on the feature-augmentation interface: the loss adapters against direct formulas, the
+generators as a learned augmenter, and the meta-gradient strategy each config selects."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metaug_jax import feature_aug, losses, memory_bank
+from metaug_jax import feature_aug, losses, memory_bank, meta_gradient, parallel
+from metaug_jax.augmenters import meta_generators
 from metaug_jax.losses import adapters
+
+from test_baselines import max_diff, tiny
 
 
 def _unit(rng, shape):
@@ -105,6 +109,43 @@ def test_adapters_refuse_what_they_would_silently_drop():
     adapters.oucl([batch.replace(extra_negative=q[:, None])], form=3, beta=16.0)
 
 
+# ---- the generators, a learned augmenter ------------------------------------------------------
+
+
+def _generators(num_views=2):
+  c = tiny("metaug")
+  c.model.embedding_dim, c.model.mag_hidden = 8, 16
+  return meta_generators.MetaFeatureGenerators(c, num_views)
+
+
+def test_generators_extend_each_views_batch_with_its_generated_query():
+  gens = _generators()
+  rng = np.random.default_rng(5)
+  z = [_unit(rng, (4, 8)) for _ in range(2)]
+  params, stats = gens.init(jax.random.PRNGKey(0), meta_generators.view_batches(z))
+  same_objects = []
+
+  def apply(z):
+    views = meta_generators.view_batches(z)
+    out, new_stats, _ = gens.apply(params, stats, None, views, jnp.int32(0))
+    same_objects.append(all(o.anchor is v.anchor and o.to_enqueue is v.to_enqueue
+                            and o.positive is v.positive for o, v in zip(out, views)))
+    return [o.extra_anchor for o in out], new_stats
+
+  generated, new_stats = jax.vmap(apply, axis_name=parallel.AXIS)(jnp.stack(z)[None])
+  assert same_objects == [True]                         # only extra_anchor is new
+  outs = jax.vmap(lambda z: gens.module.apply({"params": params, "batch_stats": stats},
+                                              tuple(z), train=True, mutable=["batch_stats"])[0],
+                  axis_name=parallel.AXIS)(jnp.stack(z)[None])
+  for g, o in zip(generated, outs):
+    np.testing.assert_allclose(g[0], o["embedding"][0], atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(g[0], axis=-1), 1.0, atol=1e-5)
+  assert max_diff(new_stats, stats) > 0                 # train-mode BN statistics moved
+  # Its own optimiser: the MAGs' SGD state has the MAG tree's shape.
+  assert jax.tree.structure(gens.optimizer().init(params)) == jax.tree.structure(
+      gens.optimizer().init(jax.tree.map(jnp.zeros_like, params)))
+
+
 def test_an_augmenter_that_rewrites_to_enqueue_is_refused():
   class Rogue:
     def apply(self, params, state, key, batch, step):
@@ -114,3 +155,17 @@ def test_an_augmenter_that_rewrites_to_enqueue_is_refused():
   batch = feature_aug.ContrastBatch(anchor=q, positive=q[:, None], to_enqueue=q)
   with pytest.raises(ValueError, match="changed ContrastBatch.to_enqueue"):
     feature_aug.apply_augmenter(Rogue(), {}, {}, None, batch, 0)
+
+
+@pytest.mark.parametrize("overrides,strategy", [
+    ({}, "forward_over_reverse"),
+    ({"meta_gradient": "reverse"}, "reverse"),
+    ({"virtual_step_from": "current"}, "fused_forward_over_reverse"),
+    ({"virtual_step_from": "current", "meta_gradient": "reverse"}, "fused_reverse"),
+    ({"first_order": True, "meta_gradient": "reverse"}, "first_order"),
+    ({"first_order": True, "virtual_step_from": "current"}, "first_order"),
+    ({"algorithm": "legacy", "first_order": True}, "legacy")])
+def test_each_config_selects_one_strategy(overrides, strategy):
+  mc = tiny("metaug").metaug
+  mc.update(overrides)
+  assert meta_gradient.strategy_name(mc) == strategy
