@@ -1,16 +1,26 @@
 """MetAug on the feature-augmentation interface: the loss adapters against direct formulas, the
-generators as a learned augmenter, and the meta-gradient strategy each config selects."""
+generators as a learned augmenter, the meta-gradient strategy each config selects, and
+metaug_ft (Feature Transformation on MetAug's bank negatives): column 0 untouched, score
+statistics of what the loss sees, banks fed with original embeddings only, 1 vs 4 devices, the
+command line."""
+
+import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from metaug_jax import feature_aug, losses, memory_bank, meta_gradient, parallel
+from metaug_jax import config_check, feature_aug, losses, memory_bank, meta_gradient, parallel
 from metaug_jax.augmenters import meta_generators
 from metaug_jax.losses import adapters
+from metaug_jax.methods import metaug
 
-from test_baselines import max_diff, tiny
+from test_baselines import ROOT, max_diff, run, tiny
 
 
 def _unit(rng, shape):
@@ -169,3 +179,115 @@ def test_each_config_selects_one_strategy(overrides, strategy):
   mc = tiny("metaug").metaug
   mc.update(overrides)
   assert meta_gradient.strategy_name(mc) == strategy
+
+
+# ---- metaug_ft ------------------------------------------------------------------------------
+
+
+def ft_config(**overrides) -> ml_collections.ConfigDict:
+  """metaug_ft on digits' tiny shapes; first-order meta-gradient, the cheapest to compile
+  (FT is what these tests are about)."""
+  return tiny("metaug_ft", **{"metaug.first_order": True, "metaug.lambda_aug": 0.1,
+                              "metaug.lambda_mi": 0.1, "metaug.inner_lr": 0.1, **overrides})
+
+
+def test_metaug_ft_variant_and_its_checks():
+  config = ft_config()
+  config_check.validate(config, 4)
+  assert config.ft.target == "neg" and config.ft.oucl_scores == "keep"
+  config.ft.target = "posneg"
+  with pytest.raises(config_check.ConfigError, match="pass --config.ft.target=neg"):
+    config_check.validate(config, 1)
+  config = ft_config(**{"ft.oucl_scores": "wrap"})
+  with pytest.raises(config_check.ConfigError, match="ft.oucl_scores"):
+    config_check.validate(config, 1)
+
+
+def test_metaug_ft_score_options_reach_the_augmenter_and_the_loss():
+  from metaug_jax import methods  # pylint: disable=g-import-not-at-top
+  facts = methods.DataFacts(view_channels=(1, 1), bank_size=64, steps_per_epoch=1,
+                            global_batch=16)
+  keep = methods.build(ft_config(), facts)
+  clip = methods.build(ft_config(**{"ft.oucl_scores": "clip"}), facts)
+  renorm = methods.build(ft_config(**{"ft.oucl_scores": "renormalize"}), facts)
+  assert (keep.score_range, clip.score_range, renorm.score_range) == ("keep", "clip", "keep")
+  assert keep.augmenter.config.postmix_norm == "none"
+  assert renorm.augmenter.config.postmix_norm == "neg"
+
+
+def _head_metrics(config):
+  """Phase A's L_total metrics at the initial state, forward only, one device."""
+  exp, _, _ = run(config, 1, 0)
+  method = exp.method
+  state = exp.init_state()
+  batch = exp.loader.batch_at(0)
+
+  def metrics(state, batch):
+    inputs = metaug.step_inputs(method, state, batch)
+    objective = method.objective(state, inputs)
+    z, _ = objective.encode(state.params["encoder"], False)
+    _, aux = objective.head(z, state.params["mag"], state.banks, "phase_a", False)
+    return aux.metrics
+
+  return jax.device_get(parallel.pmap_step(lambda s, b: (s, metrics(s, b)), exp.devices,
+                                           donate=False)(state, batch)[1])
+
+
+def test_metaug_ft_leaves_column_0_and_logs_the_scores_the_loss_sees():
+  plain, with_ft = _head_metrics(tiny("metaug")), _head_metrics(ft_config())
+  # Column 0, the positive, is the anchor's own bank row either way.
+  for name in ("pos_mean", "pos_std", "aug_pos_mean"):
+    np.testing.assert_allclose(with_ft[name], plain[name], rtol=1e-6, err_msg=name)
+  assert abs(with_ft["neg_std"] - plain["neg_std"]) > 1e-4      # interpolated negatives
+  # The d statistics are FT's post-transformation dot products, rescaled: what OUCL saw.
+  np.testing.assert_allclose(with_ft["neg_mean"], (with_ft["score_neg_mean_post"] + 1) / 2,
+                             rtol=1e-5)
+  np.testing.assert_allclose(with_ft["pos_mean"], (with_ft["score_pos_mean_post"] + 1) / 2,
+                             rtol=1e-5)
+  assert 0 < with_ft["ft_lambda_neg"] < 1 and "ft_lambda_pos" not in with_ft
+  assert with_ft["oucl_scores_out_of_range"] == 0.0   # scalar interpolation stays in range
+  assert "oucl_scores_out_of_range" not in plain
+
+
+@functools.lru_cache(maxsize=None)
+def _ft_one_device():
+  return run(ft_config(), 1, 2)
+
+
+def test_metaug_ft_banks_receive_the_original_embeddings_only():
+  # After one step from the same state, MetAug and MetAug + FT wrote the same Phase A
+  # embeddings into the banks; only the parameters' steps differ.
+  _, plain, _ = run(tiny("metaug", **{"metaug.first_order": True, "metaug.lambda_aug": 0.1,
+                                      "metaug.lambda_mi": 0.1, "metaug.inner_lr": 0.1}), 1, 1)
+  _, with_ft, _ = _ft_one_device()
+  assert max_diff(plain[1].banks, with_ft[1].banks) == 0
+  assert max_diff(plain[1].params["encoder"], with_ft[1].params["encoder"]) > 1e-7
+  assert max_diff(plain[1].params["mag"], with_ft[1].params["mag"]) > 1e-9
+
+
+def test_metaug_ft_trains_on_four_devices_like_on_one():
+  _, one, m1 = _ft_one_device()
+  _, four, m4 = run(ft_config(), 4, 2)
+  assert all(np.isfinite(float(v)) for m in m4 for v in m.values())
+  step = max(1.0, max_diff(one[0].params, one[1].params))
+  assert max_diff(one[-1].params, four[-1].params) < 2e-5 * step
+  assert max_diff(one[-1].banks, four[-1].banks) < 2e-5 * step
+  for key in ("loss_total", "meta_loss", "ft_lambda_neg", "score_neg_mean_post"):
+    np.testing.assert_allclose(m1[-1][key], m4[-1][key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow  # a CLI run in a subprocess
+def test_cli_trains_metaug_ft_from_its_config_variant(tmp_path):
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT,
+                                                                  os.environ.get("PYTHONPATH")])))
+  env.pop("XLA_FLAGS", None)
+  r = subprocess.run([sys.executable, "-m", "metaug_jax.main",
+                      "--config=configs/digits.py:metaug_ft,tiny", "--config.num_train_steps=2",
+                      "--config.eval.probe_after_training=False", "--config.eval.plots=False",
+                      "--config.eval.monitor_every_steps=0", "--config.log_every_steps=1",
+                      f"--workdir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True,
+                     text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  records = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+  assert len(records) == 2 and all("oucl_scores_out_of_range" in rec and "ft_lambda_neg" in rec
+                                   for rec in records)

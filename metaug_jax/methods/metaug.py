@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from metaug_jax import feature_aug, losses, memory_bank, meta_gradient, parallel
+from metaug_jax.augmenters import feature_transform as ft_lib
 from metaug_jax.augmenters import meta_generators
 from metaug_jax.losses import adapters
 from metaug_jax.methods import base, common, registry
@@ -316,3 +317,41 @@ class MetAug(base.Method):
       feats["mag_hidden"] = self.generators.hidden_features(state_params["mag"],
                                                             state_stats["mag"], z)
     return feats
+
+
+def _metaug_ft_variant(config) -> None:
+  """FT on the sampled bank negatives only: column 0, the positive, stays the anchor's row."""
+  config.ft.target = "neg"
+
+
+def _metaug_ft_check(config) -> list:
+  problems = margin_check(config)
+  if config.ft.target != "neg":
+    problems.append(f"config.method='metaug_ft' transforms the sampled bank negatives only "
+                    f"(the positive, column 0, stays the anchor's own bank row), got "
+                    f"ft.target={config.ft.target!r}: pass --config.ft.target=neg (or use the "
+                    f"config variant :metaug_ft).")
+  return problems
+
+
+@registry.register(
+    "metaug_ft", summary="MetAug + Feature Transformation on every bank call's sampled "
+    "negatives (Zhu et al. 2021)", section="ft", defaults=ft_lib.defaults, ranges=ft_lib.RANGES,
+    variant=_metaug_ft_variant, check=_metaug_ft_check)
+class MetAugFT(MetAug):
+  """MetAug whose bank calls' per-direction ContrastBatches pass through Feature
+  Transformation before OUCL (docs/feature_transformation.md §4): the K sampled rows are
+  interpolated along K, column 0 is left alone, the banks take the original embeddings.
+  `ft.oucl_scores` says what OUCL's d = (s + 1) / 2 does with mixed rows; the share of d
+  outside [0, 1] is logged as `oucl_scores_out_of_range`."""
+
+  def __init__(self, config, facts):
+    super().__init__(config, facts)
+    self.score_range = "clip" if config.ft.oucl_scores == "clip" else "keep"
+
+  def build_augmenter(self):
+    ft_config = self.config.ft
+    if ft_config.oucl_scores == "renormalize" and ft_config.postmix_norm in ("none", "pos"):
+      ft_config = ft_config.copy_and_resolve_references()
+      ft_config.postmix_norm = "neg" if ft_config.postmix_norm == "none" else "both"
+    return ft_lib.FeatureTransform(ft_config, global_batch=self.facts.global_batch)
