@@ -84,7 +84,8 @@ class BankCall:
   columns picked. That never materialises the gathered rows, which every differentiation pass
   of MetAug's step would otherwise keep (96 MiB per call at the paper's batch 64, K 1024,
   3 views); the gather is then dead code that XLA removes. Both ways give the same scores and
-  gradients (tested). Rows an augmenter rewrote are scored as they are.
+  gradients (tested). Otherwise untouched rows are scored from the gathered (B, K+1, D) rows as
+  a whole, and rows an augmenter rewrote as they are.
   """
 
   def __init__(self, banks: jax.Array, indices: jax.Array, dense: Optional[bool] = None):
@@ -95,9 +96,9 @@ class BankCall:
     self.indices = indices
     self.dense = (banks.shape[1] <= DENSE_SCORING_MAX_ROWS_PER_CALL_ROW * indices.shape[1]
                   if dense is None else dense)
-    rows = gather(self.banks, indices)                       # (V, B, K+1, D)
-    self._positive = [rows[y][:, :1] for y in range(banks.shape[0])]
-    self._negatives = [rows[y][:, 1:] for y in range(banks.shape[0])]
+    self._rows = gather(self.banks, indices)                 # (V, B, K+1, D)
+    self._positive = [self._rows[y][:, :1] for y in range(banks.shape[0])]
+    self._negatives = [self._rows[y][:, 1:] for y in range(banks.shape[0])]
 
   def contrast_batches(self, queries: Sequence[jax.Array],
                        originals: Sequence[jax.Array]) -> tuple:
@@ -123,10 +124,11 @@ class BankCall:
   def scorer(self, batch: feature_aug.ContrastBatch) -> jax.Array:
     """(B, 1 + K) dot products of a direction's anchor with its positive and negatives."""
     y = self._untouched_bank(batch)
-    if not self.dense or y is None or batch.extra_positive is not None \
-        or batch.extra_negative is not None:
+    if y is None or batch.extra_positive is not None or batch.extra_negative is not None:
       pos = feature_aug.positive_scores(batch)
       return jnp.concatenate([pos, feature_aug.negative_scores(batch)], axis=1)
+    if not self.dense:   # the call's gathered rows, whole (no copies of their slices)
+      return jnp.einsum("bd,bkd->bk", batch.anchor, self._rows[y])
     cos_all = jnp.einsum("bd,nd->bn", batch.anchor, self.banks[y])
     return jnp.take_along_axis(cos_all, self.indices, axis=1)
 
