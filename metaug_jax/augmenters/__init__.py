@@ -2,11 +2,14 @@
 
   * `feature_transform.FeatureTransform`: Feature Transformation (Zhu et al., ICCV 2021),
     positive extrapolation and negative interpolation (docs/feature_transformation.md);
+  * `meta_generators.MetaFeatureGenerators`: MetAug's meta feature augmentation generators, a
+    learned augmenter with its own optimiser and outer objective (docs/metaug.md §4.4);
   * `score_stats`: the positive / negative score-distribution statistics of that paper's
     visualisation tool, before and after an augmenter.
 """
 
 from metaug_jax.augmenters.feature_transform import FeatureTransform
+from metaug_jax.augmenters.meta_generators import MetaFeatureGenerators
 from metaug_jax.augmenters.score_stats import score_distribution
 
-__all__ = ["FeatureTransform", "score_distribution"]
+__all__ = ["FeatureTransform", "MetaFeatureGenerators", "score_distribution"]
