@@ -193,35 +193,33 @@ def metaug_parts(method, config):
 
   views   the augmented views alone;
   phase_a Phase A: grad over the encoders of L_total with the MAGs frozen (docs/metaug.md
-          §5.1), pmean;
+          §5.1), pmean (`meta_gradient.phase_a`);
   phase_b Phase B: the MAG meta-gradient through the virtual encoder step (second order,
-          `MetAug.paper_meta_gradient`, as configured: forward-over-reverse or double
-          backward), both paths, pmean.
+          `MetaFeatureGenerators.outer_gradient`, as configured: forward-over-reverse or
+          double backward), both parts, pmean.
   The optimiser updates and the bank update are what the full step adds to phase_a + phase_b.
   """
-  from metaug_jax import parallel  # pylint: disable=g-import-not-at-top
-  from metaug_jax.methods import common  # pylint: disable=g-import-not-at-top
-
-  def prepare(state, batch, names):
-    keys = common.step_keys(state, ("augment",) + names)
-    views = common.train_views(batch["image"], keys["augment"], config.data)
-    draws = {n: method.draw_call_indices(keys[n], batch["index"]) for n in names}
-    return views, parallel.gather_rows(batch["index"]), draws
+  from metaug_jax import meta_gradient  # pylint: disable=g-import-not-at-top
+  from metaug_jax.methods import common, metaug  # pylint: disable=g-import-not-at-top
+  if method.strategy.startswith("fused"):
+    raise ValueError("the parts section times the paper-aligned step, whose Phase B stands "
+                     "alone; drop metaug.virtual_step_from=current")
 
   def views(state, batch):
     keys = common.step_keys(state, ("augment",))
     return common.train_views(batch["image"], keys["augment"], config.data)
 
   def phase_a(state, batch):
-    views_, global_index, draws = prepare(state, batch, ("phase_a",))
-    grads, _, _, _, (_, _, _, metrics) = method.linearized_encoder_gradient(
-        state, views_, state.params["encoder"], state.banks, draws["phase_a"], global_index,
-        update_stats=True)
-    return metrics["loss_total"], grads
+    objective = method.objective(state, metaug.step_inputs(method, state, batch))
+    result = meta_gradient.phase_a(objective, state.params["encoder"], state.params["mag"],
+                                   state.banks)
+    return result.aux.metrics["loss_total"], result.grad
 
   def phase_b(state, batch):
-    views_, global_index, draws = prepare(state, batch, ("inner", "outer"))
-    grads, metrics, _ = method.paper_meta_gradient(state, views_, draws.get, global_index)
+    objective = method.objective(state, metaug.step_inputs(method, state, batch))
+    theta = state.params["encoder"]
+    grads, metrics = meta_gradient.combine(method.generators.outer_gradient(
+        objective, theta, theta, state.params["mag"], state.banks))
     return metrics["meta_loss"], grads
 
   return {"views": views, "phase_a": phase_a, "phase_b": phase_b}

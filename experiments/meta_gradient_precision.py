@@ -38,26 +38,22 @@ _REFERENCE_OUT = flags.DEFINE_string("reference_out", "", "Internal: where it wr
 
 def _gradient_parts_fn(method):
   """jitted (state, views, index) -> (direct, second-order) MAG gradient parts, computed the
-  way the training step computes them (config.metaug.meta_gradient), on one device."""
+  way the training step's Phase B computes them (`MetaFeatureGenerators.outer_gradient`, as
+  config.metaug selects), on one device."""
   import jax  # pylint: disable=g-import-not-at-top
   from metaug_jax import parallel  # pylint: disable=g-import-not-at-top
-  from metaug_jax.methods import common  # pylint: disable=g-import-not-at-top
-
-  parts = {}
-  combine = type(method)._combine
-
-  def capture(direct, second, outer_metrics):
-    parts["direct"], parts["second"] = parallel.pmean((direct, second))
-    return combine(direct, second, outer_metrics)
-
-  method._combine = capture  # pylint: disable=protected-access  # this instance only
+  from metaug_jax.methods import common, metaug  # pylint: disable=g-import-not-at-top
 
   def one_device(state, views, index):
-    keys = common.step_keys(state, ("augment", "phase_a", "inner", "outer", "inner2",
-                                    "outer2"))
-    draw = lambda name: method.draw_call_indices(keys[name], index)
-    method.paper_meta_gradient(state, views, draw, parallel.gather_rows(index))
-    return parts["direct"], parts["second"]
+    keys = common.step_keys(state, ("augment",) + metaug.meta_gradient.PHASES)
+    inputs = metaug.StepInputs(
+        views=views, global_index=parallel.gather_rows(index), step=state.step,
+        indices=lambda phase: method.draw_call_indices(keys[phase], index),
+        augmenter_keys=lambda phase: jax.random.split(keys[phase], method.num_calls))
+    theta = state.params["encoder"]
+    parts = method.generators.outer_gradient(method.objective(state, inputs), theta, theta,
+                                             state.params["mag"], state.banks)
+    return parallel.pmean((parts.direct, parts.second))
 
   mapped = jax.vmap(one_device, in_axes=(None, 0, 0), axis_name=parallel.AXIS)
   return jax.jit(lambda s, v, i: jax.tree.map(lambda x: x[0], mapped(s, v, i)))

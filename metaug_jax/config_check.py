@@ -279,13 +279,6 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
   if ok("data.num_views", "data.views") and config.data.num_views < 2 \
       and config.data.views in ("augmented_copies", "simclr"):
     e.append(f"config.data.num_views={config.data.num_views}: contrastive learning needs >= 2.")
-  if config.method == "metaug" and config.metaug.margin_code_exact \
-      and ok("data.views", "data.num_views") \
-      and {"lab": 3, "lab2": 2}.get(config.data.views, config.data.num_views) < 3:
-    e.append("config.metaug.margin_code_exact=True needs >= 3 views (the authors' rule takes "
-             "its thresholds from directions that avoid the augmented view; with 2 there are "
-             "none); pass --config.metaug.margin_code_exact=False or 3 views (e.g. "
-             "--config.data.views=lab or --config.data.num_views=3).")
   if config.method == "simclr" and config.data.views in ("lab", "lab2") \
       and config.model.share_encoder:
     e.append("lab views have different channel counts; use --config.model.share_encoder=False.")

@@ -34,8 +34,9 @@ class ContrastBatch:
       anchor (memory-bank rows sampled per anchor); None for losses without negatives.
     extra_positive: optional (B, P', D) positives added by an augmenter.
     extra_negative: optional (B or 1, M, D) negatives added by an augmenter.
-    extra_anchor: optional (B, D) augmented anchors, contrasted like `anchor` against the same
-      positives and negatives (MetAug's generated queries).
+    extra_anchor: optional (B, D) augmented anchors, e.g. MetAug's generated queries (its
+      generators set them on each view's anchor-only batch, and its bank calls use them as the
+      queries of the augmented calls, against those calls' own negatives).
     to_enqueue: (B, D) the original targets a queue or bank receives; never augmented.
     unit_norm: whether anchor/positive/negatives are still unit-norm (static; FT without
       re-normalisation breaks it, and losses that rescale cos to [0, 1] need it).

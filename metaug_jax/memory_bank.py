@@ -13,8 +13,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from metaug_jax import feature_aug, parallel
 from metaug_jax.models.layers import l2_normalize
-from metaug_jax import parallel
 
 
 def init_banks(key: jax.Array, num_views: int, size: int, dim: int,
@@ -65,53 +65,72 @@ def draw_indices(key: jax.Array, anchor_index: jax.Array, global_batch: int,
   return call_indices(anchor_index, negatives)
 
 
-# Banks up to this many times the K+1 rows of a call are scored densely (see score_call).
+# Banks up to this many times the K+1 rows of a call are scored densely (see BankCall).
 DENSE_SCORING_MAX_ROWS_PER_CALL_ROW = 64
 
 
-def score_call(queries: Sequence[jax.Array], banks: jax.Array, indices: jax.Array,
-               dense: Optional[bool] = None) -> jax.Array:
-  """One bank call: d = (cos + 1) / 2 for every directed view pair (docs/metaug.md §3.4).
+class BankCall:
+  """One bank call (docs/metaug.md §4.2): every view's query against the other views' banks
+  at the same (B, K+1) sampled rows, handed to a loss as one `ContrastBatch` per direction.
 
-  Two equal ways (tested): gather the (B, K+1, D) rows of each bank, then dot them with the
-  queries; or score each query against the whole bank, (B, D) x (D, N), and pick the (B, K+1)
-  columns. Dense scoring never materialises the gathered rows, which every call and every
-  differentiation pass of MetAug's step would otherwise keep (96 MiB per call at the paper's
-  batch 64, K 1024, 3 views), and is cheap while N is not much larger than K+1; `dense=None`
-  chooses it when N <= 64 (K+1).
+  `contrast_batches(queries, originals)` gives, for each direction (x, y) of `directions(V)`,
+  anchor = query x, positive = its own row of bank y (column 0), negatives = the K sampled rows
+  of bank y, to_enqueue = the original embedding x (never the query, which may be augmented).
+  The rows carry no gradient.
 
-  Args:
-    queries: V arrays (B, D), unit-norm query embeddings (original or augmented).
-    banks: (V, N, D) bank array (treated as a constant).
-    indices: (B, K+1) rows to compare with; column 0 is the positive.
-    dense: force one way (None: by the bank size).
-
-  Returns:
-    (B, V(V-1), K+1) scores in [0, 1], directions ordered as `directions(V)`.
+  `scorer(batch)` gives a direction's (B, 1 + K) dot products. Rows that no augmenter replaced
+  (the very arrays `contrast_batches` put in) are scored densely while the bank is small
+  (N <= 64 (K+1)): each query against the whole bank, (B, D) x (D, N), then the (B, K+1)
+  columns picked. That never materialises the gathered rows, which every differentiation pass
+  of MetAug's step would otherwise keep (96 MiB per call at the paper's batch 64, K 1024,
+  3 views); the gather is then dead code that XLA removes. Both ways give the same scores and
+  gradients (tested). Otherwise untouched rows are scored from the gathered (B, K+1, D) rows as
+  a whole, and rows an augmenter rewrote as they are.
   """
-  if dense is None:
-    dense = banks.shape[1] <= DENSE_SCORING_MAX_ROWS_PER_CALL_ROW * indices.shape[1]
-  if not dense:
-    return scores_from_rows(queries, gather(banks, indices))
-  chex.assert_equal_shape(queries)
-  banks = jax.lax.stop_gradient(banks)
-  out = []
-  for x, y in directions(len(queries)):
-    cos_all = jnp.einsum("bd,nd->bn", queries[x], banks[y])
-    cos = jnp.take_along_axis(cos_all, indices, axis=1)
-    out.append((cos + 1.0) / 2.0)
-  return jnp.stack(out, axis=1)
 
+  def __init__(self, banks: jax.Array, indices: jax.Array, dense: Optional[bool] = None):
+    """banks: (V, N, D), treated as a constant; indices: (B, K+1), column 0 the anchor's own
+    row; dense: force one way of scoring untouched rows (None: by the bank size)."""
+    chex.assert_rank([banks, indices], [3, 2])
+    self.banks = jax.lax.stop_gradient(banks)
+    self.indices = indices
+    self.dense = (banks.shape[1] <= DENSE_SCORING_MAX_ROWS_PER_CALL_ROW * indices.shape[1]
+                  if dense is None else dense)
+    self._rows = gather(self.banks, indices)                 # (V, B, K+1, D)
+    self._positive = [self._rows[y][:, :1] for y in range(banks.shape[0])]
+    self._negatives = [self._rows[y][:, 1:] for y in range(banks.shape[0])]
 
-def scores_from_rows(queries: Sequence[jax.Array], rows: jax.Array) -> jax.Array:
-  """`score_call` on rows already gathered with `gather` (V, B, K+1, D)."""
-  num_views = len(queries)
-  chex.assert_equal_shape(queries)
-  out = []
-  for x, y in directions(num_views):
-    cos = jnp.einsum("bd,bkd->bk", queries[x], rows[y])
-    out.append((cos + 1.0) / 2.0)
-  return jnp.stack(out, axis=1)
+  def contrast_batches(self, queries: Sequence[jax.Array],
+                       originals: Sequence[jax.Array]) -> tuple:
+    """One ContrastBatch per direction, in `directions(V)` order.
+
+    Args:
+      queries: V arrays (B, D), the unit-norm queries of this call (original or augmented).
+      originals: V arrays (B, D), the original embeddings (`to_enqueue`).
+    """
+    chex.assert_equal_shape(list(queries) + list(originals))
+    return tuple(
+        feature_aug.ContrastBatch(anchor=queries[x], positive=self._positive[y],
+                                  negatives=self._negatives[y], to_enqueue=originals[x])
+        for x, y in directions(len(queries)))
+
+  def _untouched_bank(self, batch: feature_aug.ContrastBatch) -> Optional[int]:
+    """The bank y whose rows `batch` still holds unchanged, or None."""
+    for y, (pos, neg) in enumerate(zip(self._positive, self._negatives)):
+      if batch.positive is pos and batch.negatives is neg:
+        return y
+    return None
+
+  def scorer(self, batch: feature_aug.ContrastBatch) -> jax.Array:
+    """(B, 1 + K) dot products of a direction's anchor with its positive and negatives."""
+    y = self._untouched_bank(batch)
+    if y is None or batch.extra_positive is not None or batch.extra_negative is not None:
+      pos = feature_aug.positive_scores(batch)
+      return jnp.concatenate([pos, feature_aug.negative_scores(batch)], axis=1)
+    if not self.dense:   # the call's gathered rows, whole (no copies of their slices)
+      return jnp.einsum("bd,bkd->bk", batch.anchor, self._rows[y])
+    cos_all = jnp.einsum("bd,nd->bn", batch.anchor, self.banks[y])
+    return jnp.take_along_axis(cos_all, self.indices, axis=1)
 
 
 def split_scores(scores: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metaug_jax.losses import (bank_infonce, bank_scores, margin_regularizer,
-                               margin_thresholds, nt_xent, oucl, score_from_cosine)
+from metaug_jax import feature_aug
+from metaug_jax.losses import (adapters, margin_regularizer, margin_thresholds, nt_xent, oucl,
+                               score_from_cosine)
 from metaug_jax.models.layers import l2_normalize
 
 
@@ -250,15 +251,19 @@ def test_nt_xent_pmap_matches_single_device():
   assert abs(float(lv[0]) - float(value)) > 1e-3
 
 
-def test_bank_infonce_matches_numpy():
+def test_bank_infonce_adapter_matches_numpy():
+  """CMC's loss: the infonce adapter on a bank direction (own row, K per-anchor rows)."""
   rng = np.random.default_rng(5)
   q = _unit(rng.normal(size=(4, 8)))
   rows = _unit(rng.normal(size=(4, 6, 8)))
   with jax.enable_x64(True):
-    scores = np.asarray(bank_scores(jnp.asarray(q), jnp.asarray(rows)))
-    got = np.asarray(bank_infonce(jnp.asarray(q), jnp.asarray(rows), 0.07))
+    batch = feature_aug.ContrastBatch(anchor=jnp.asarray(q), positive=jnp.asarray(rows[:, :1]),
+                                      negatives=jnp.asarray(rows[:, 1:]))
+    got, (pos, neg) = adapters.infonce(batch, 0.07)
+    got = np.asarray(got)
   want_scores = np.stack([[q[b] @ rows[b, k] for k in range(6)] for b in range(4)])
-  np.testing.assert_allclose(scores, want_scores, rtol=1e-12)
+  np.testing.assert_allclose(np.concatenate([np.asarray(pos)[:, None], np.asarray(neg)], 1),
+                             want_scores, rtol=1e-12)
   logits = want_scores / 0.07
   want = -np.log(np.exp(logits[:, 0]) / np.exp(logits).sum(axis=1))
   assert got.shape == (4,)

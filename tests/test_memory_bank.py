@@ -1,4 +1,5 @@
-"""Memory bank: unit-norm rows, the momentum update, scores, device-independent sampling."""
+"""Memory bank: unit-norm rows, the momentum update, a bank call's ContrastBatches and scores,
+device-independent sampling."""
 
 import jax
 import jax.numpy as jnp
@@ -33,21 +34,38 @@ def test_update_is_normalised_momentum_average_of_batch_rows_only():
 
 
 @pytest.mark.parametrize("dense", [None, True, False])
-def test_score_call_matches_numpy_for_every_direction(dense):
+def test_bank_call_gives_every_direction_as_a_contrast_batch_and_scores_it(dense):
   rng = np.random.default_rng(1)
   banks = jnp.asarray(_unit(rng.normal(size=(3, 20, 8))), jnp.float32)
   queries = [jnp.asarray(_unit(rng.normal(size=(4, 8))), jnp.float32) for _ in range(3)]
+  originals = [jnp.asarray(_unit(rng.normal(size=(4, 8))), jnp.float32) for _ in range(3)]
   idx = jnp.asarray(rng.integers(0, 20, size=(4, 6)), jnp.int32)
-  scores = np.asarray(memory_bank.score_call(queries, banks, idx, dense=dense))
+  call = memory_bank.BankCall(banks, idx, dense=dense)
+  batches = call.contrast_batches(queries, originals)
   dirs = memory_bank.directions(3)
-  assert scores.shape == (4, 6, 6) and len(dirs) == 6
-  for d, (x, y) in enumerate(dirs):
+  assert len(batches) == len(dirs) == 6
+  for batch, (x, y) in zip(batches, dirs):
     rows = np.asarray(banks)[y][np.asarray(idx)]                       # (4, 6, 8)
-    expected = (np.einsum("bd,bkd->bk", np.asarray(queries[x]), rows) + 1) / 2
-    np.testing.assert_allclose(scores[:, d], expected, atol=1e-6)
-  pos, neg = memory_bank.split_scores(jnp.asarray(scores))
-  assert pos.shape == (4, 6) and neg.shape == (4, 30)
-  np.testing.assert_array_equal(pos, scores[:, :, 0])
+    assert batch.anchor is queries[x] and batch.to_enqueue is originals[x]
+    np.testing.assert_array_equal(batch.positive, rows[:, :1])        # the anchor's own row
+    np.testing.assert_array_equal(batch.negatives, rows[:, 1:])
+    expected = np.einsum("bd,bkd->bk", np.asarray(queries[x]), rows)
+    np.testing.assert_allclose(call.scorer(batch), expected, atol=1e-6)
+  scores = memory_bank.split_scores(jnp.stack([call.scorer(b) for b in batches], axis=1))
+  assert scores[0].shape == (4, 6) and scores[1].shape == (4, 30)
+
+
+def test_bank_call_scores_rewritten_rows_as_they_are():
+  rng = np.random.default_rng(4)
+  banks = jnp.asarray(_unit(rng.normal(size=(2, 10, 4))), jnp.float32)
+  q = [jnp.asarray(_unit(rng.normal(size=(3, 4))), jnp.float32) for _ in range(2)]
+  call = memory_bank.BankCall(banks, jnp.asarray(rng.integers(0, 10, size=(3, 5)), jnp.int32),
+                              dense=True)
+  batch = call.contrast_batches(q, q)[0]
+  halved = batch.replace(negatives=0.5 * batch.negatives)   # what an augmenter might do
+  np.testing.assert_allclose(call.scorer(halved)[:, 1:], 0.5 * call.scorer(batch)[:, 1:],
+                             atol=1e-6)
+  np.testing.assert_allclose(call.scorer(halved)[:, 0], call.scorer(batch)[:, 0], atol=1e-6)
 
 
 def test_drawn_indices_do_not_depend_on_device_count():
@@ -76,7 +94,9 @@ def test_dense_and_gathered_scoring_have_the_same_gradients():
   weights = jnp.asarray(rng.normal(size=(5, 2, 40)), jnp.float32)
 
   def loss(q, b, dense):
-    return jnp.sum(jnp.sin(3 * memory_bank.score_call(q, b, idx, dense=dense)) * weights)
+    call = memory_bank.BankCall(b, idx, dense=dense)
+    scores = jnp.stack([call.scorer(c) for c in call.contrast_batches(q, q)], axis=1)
+    return jnp.sum(jnp.sin(3 * scores) * weights)
 
   g_dense = jax.grad(loss, argnums=(0, 1))(queries, banks, True)
   g_gather = jax.grad(loss, argnums=(0, 1))(queries, banks, False)

@@ -31,6 +31,7 @@ TARGETS = ("pos", "neg", "posneg")
 DISTRIBUTIONS = ("beta", "uniform")
 GRANULARITIES = ("none", "pos", "neg", "both")
 POSTMIX_NORMS = ("none", "pos", "neg", "both")
+OUCL_SCORES = ("keep", "clip", "renormalize")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -46,6 +47,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.granularity = "none"       # element-wise coefficients: none, pos ([B, D]), neg ([K, D]), both
   c.postmix_norm = "none"      # L2-renormalise after mixing: none, pos, neg or both
   c.score_stats = True         # log the score statistics before and after the transformation
+  # metaug_ft only: OUCL rescales dot products to d = (s + 1) / 2, in [0, 1] for unit vectors;
+  # FT's mixed rows may leave it. "keep" the scores as they are, "clip" d to [0, 1], or
+  # "renormalize" the mixed rows (as postmix_norm=neg) so that d stays in range.
+  c.oucl_scores = "keep"
   return c
 
 
@@ -53,7 +58,7 @@ RANGES = {
     "target": Choice(TARGETS), "distribution": Choice(DISTRIBUTIONS),
     "pos_alpha": Range(0, lo_open=True), "neg_alpha": Range(0, lo_open=True),
     "alpha": Range(0, lo_open=True), "granularity": Choice(GRANULARITIES),
-    "postmix_norm": Choice(POSTMIX_NORMS),
+    "postmix_norm": Choice(POSTMIX_NORMS), "oucl_scores": Choice(OUCL_SCORES),
 }
 
 

@@ -1,8 +1,9 @@
-"""Contrastive losses: NT-Xent, CMC bank InfoNCE, OUCL (docs/metaug.md §4.1) and the margin
-term (§4.3); the InfoNCE family from scores (plain / debiased / hard negatives) and the losses
-without negatives of the baselines (SimSiam, BYOL, Barlow Twins)."""
+"""Contrastive losses: NT-Xent, OUCL (docs/metaug.md §4.1) and the margin term (§4.3); the
+InfoNCE family from scores (plain / debiased / hard negatives, for queues and bank rows) and
+the losses without negatives of the baselines (SimSiam, BYOL, Barlow Twins). `adapters` gives
+each as a function of `feature_aug.ContrastBatch`es, which is how the methods call them."""
 
-from metaug_jax.losses.contrastive import bank_infonce, bank_scores, nt_xent, score_from_cosine
+from metaug_jax.losses.contrastive import nt_xent, score_from_cosine
 from metaug_jax.losses.margin import (MARGIN_TYPES, code_exact_columns, margin_regularizer,
                                      margin_thresholds)
 from metaug_jax.losses.negatives import NEGATIVE_MODES, infonce_from_scores, nt_xent_scores
@@ -13,8 +14,6 @@ from metaug_jax.losses.similarity import (barlow_twins, byol_loss, negative_cosi
 __all__ = [
     "MARGIN_TYPES",
     "NEGATIVE_MODES",
-    "bank_infonce",
-    "bank_scores",
     "barlow_twins",
     "byol_loss",
     "code_exact_columns",

@@ -1,4 +1,5 @@
-"""InfoNCE-style losses: SimCLR's NT-Xent (cross-device negatives) and CMC's bank InfoNCE."""
+"""SimCLR's NT-Xent (cross-device negatives) and the paper's score d; the InfoNCE family from
+scores is in negatives.py, its adapters for ContrastBatches in adapters.py."""
 
 from typing import Optional
 
@@ -69,34 +70,3 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float,
   logits = logits - _SELF_MASK * (cols[None, :] == self_idx[:, None])
   pos = jnp.take_along_axis(logits, pos_idx[:, None], axis=1)[:, 0]
   return jnp.mean(jax.nn.logsumexp(logits, axis=1) - pos)
-
-
-def bank_scores(query: jax.Array, rows: jax.Array) -> jax.Array:
-  """Dot products (cosines for unit vectors) of each query with its K+1 bank rows (§3.4 there).
-
-  Args:
-    query: (B, D).
-    rows: (B, K+1, D), column 0 the positive.
-  Returns:
-    (B, K+1).
-  """
-  chex.assert_rank([query, rows], [2, 3])
-  chex.assert_equal(query.shape[0], rows.shape[0])
-  chex.assert_equal(query.shape[1], rows.shape[2])
-  return jnp.einsum("bd,bkd->bk", query, rows)
-
-
-def bank_infonce(query: jax.Array, rows: jax.Array, temperature: float) -> jax.Array:
-  """CMC's softmax InfoNCE against K+1 memory-bank rows (Tian et al. 2020), per anchor.
-
-  Cross-entropy of logits = scores / temperature with target column 0 (the positive).
-
-  Args:
-    query: (B, D) query embeddings.
-    rows: (B, K+1, D) bank rows; column 0 is the positive.
-    temperature: the softmax temperature.
-  Returns:
-    (B,) per-anchor losses.
-  """
-  logits = bank_scores(_float(query), _float(rows)) / temperature
-  return jax.nn.logsumexp(logits, axis=1) - logits[:, 0]

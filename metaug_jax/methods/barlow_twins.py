@@ -11,7 +11,8 @@ the projector; the paper's is three 8192-wide layers (`model.embedding_dim` sets
 
 import ml_collections
 
-from metaug_jax import losses, parallel
+from metaug_jax import feature_aug, parallel
+from metaug_jax.losses import adapters
 from metaug_jax.config_check import Range
 from metaug_jax.methods import common, registry, siamese
 from metaug_jax.methods.registry import PaperRow, table1
@@ -43,9 +44,9 @@ class BarlowTwins(siamese.TwoViewMethod):
       outs, stats = common.apply_encoder(self.encoder, params, state.batch_stats["encoder"],
                                          views)
       bc = self.config.barlow_twins
-      loss = bc.scale_loss * losses.barlow_twins(
-          outs[0]["projection"], outs[1]["projection"], bc.lambda_offdiag,
-          axis_name=parallel.AXIS)
+      pair = feature_aug.ContrastBatch(outs[0]["projection"], outs[1]["projection"][:, None])
+      loss = bc.scale_loss * adapters.barlow_twins(pair, bc.lambda_offdiag,
+                                                   axis_name=parallel.AXIS)
       return loss, (stats, None)
 
     new_state, _, _, metrics = self._encoder_step(state, loss_fn)

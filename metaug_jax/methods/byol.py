@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from metaug_jax import ema, losses, parallel
+from metaug_jax import ema, feature_aug, parallel
+from metaug_jax.losses import adapters
 from metaug_jax.config_check import Range
 from metaug_jax.methods import common, registry, siamese
 from metaug_jax.methods.registry import PaperRow, table1
@@ -60,7 +61,10 @@ class BYOL(siamese.TwoViewMethod):
       both = jnp.concatenate([o["projection"] for o in outs], axis=0)
       p, pred_stats = self.predict(online["predictor"], state.batch_stats["predictor"], both)
       p1, p2 = jnp.split(p, 2, axis=0)
-      loss = losses.byol_loss(p1, targets[1]) + losses.byol_loss(p2, targets[0])
+      loss = (adapters.negative_cosine(feature_aug.ContrastBatch(p1, targets[1][:, None]),
+                                       form="byol") +
+              adapters.negative_cosine(feature_aug.ContrastBatch(p2, targets[0][:, None]),
+                                       form="byol"))
       return loss, (enc_stats, pred_stats, p1)
 
     (params, stats, opt), loss, p1, metrics = self._online_step(state, loss_fn)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from metaug_jax import feature_aug, losses, memory_bank, parallel
+from metaug_jax.losses import adapters
 from metaug_jax.methods import base, common, registry
 from metaug_jax.methods.registry import PaperRow, table1
 
@@ -45,14 +46,12 @@ class SimCLR(base.Method):
     return new_state, parallel.pmean(metrics)
 
   def _nt_xent(self, z1, z2):
-    """Mean NT-Xent of one view pair, with `loss.negatives` plain, debiased or hard."""
+    """Mean NT-Xent of one view pair (anchor z1, positive z2, the rest of the global batch as
+    negatives), with `loss.negatives` plain, debiased or hard."""
     lc = self.config.loss
-    if lc.negatives == "plain":
-      return losses.nt_xent(z1, z2, lc.temperature, axis_name=parallel.AXIS)
-    pos, neg, valid = losses.nt_xent_scores(z1, z2, axis_name=parallel.AXIS)
-    return jnp.mean(losses.infonce_from_scores(pos, neg, lc.temperature, valid=valid,
-                                               negatives=lc.negatives, tau_plus=lc.tau_plus,
-                                               beta=lc.hard_beta))
+    return adapters.nt_xent(feature_aug.ContrastBatch(anchor=z1, positive=z2[:, None]),
+                            lc.temperature, axis_name=parallel.AXIS, negatives=lc.negatives,
+                            tau_plus=lc.tau_plus, beta=lc.hard_beta)
 
 
 @registry.register(
@@ -68,20 +67,21 @@ class CMC(base.Method):
 
   Summed over the V(V-1) directed view pairs, K sampled negatives per call, banks updated once
   per step with the batch's (stop-gradient) embeddings. Each direction's (query, own row, K
-  rows) is a ContrastBatch passed through `self.augmenter` (the identity here; `cmc_ft`
-  builds Feature Transformation).
+  rows) is a ContrastBatch of the bank call (`memory_bank.BankCall`) passed through
+  `self.augmenter` (the identity here; `cmc_ft` builds Feature Transformation) and into the
+  InfoNCE loss adapter.
   """
 
   uses_bank = True
 
   def train_step(self, state, batch):
-    cfg = self.config
+    cfg, lc = self.config, self.config.loss
     keys = common.step_keys(state, ("augment", "negatives"))
     views = common.train_views(batch["image"], keys["augment"], cfg.data)
     indices = memory_bank.draw_indices(keys["negatives"], batch["index"],
                                        self.facts.global_batch, cfg.bank.num_negatives,
                                        self.facts.bank_size)
-    rows = memory_bank.gather(state.banks, indices)
+    call = memory_bank.BankCall(state.banks, indices)
     pairs = memory_bank.directions(self.num_views)
     aug_keys = jax.random.split(common.augmenter_key(state), len(pairs))
 
@@ -89,38 +89,32 @@ class CMC(base.Method):
       outs, stats = common.apply_encoder(self.encoder, params, state.batch_stats["encoder"],
                                          views)
       z = common.embeddings(outs)
-      per_direction, aug_metrics = [], {}
-      for (x, y), key in zip(pairs, aug_keys):
+      per_direction, seen, enqueue, aug_metrics = [], [], {}, {}
+      for (x, _), contrast, key in zip(pairs, call.contrast_batches(z, z), aug_keys):
         # The anchor's own row (column 0) is the positive, the K sampled rows the negatives.
-        contrast = feature_aug.ContrastBatch(anchor=z[x], positive=rows[y][:, :1],
-                                             negatives=rows[y][:, 1:])
         contrast, aug_metrics = self.augment(state, key, contrast)
-        call_rows = jnp.concatenate([contrast.positive, contrast.negatives], axis=1)
-        per_direction.append(jnp.mean(self._bank_infonce(contrast.anchor, call_rows)))
-      return sum(per_direction), (stats, (z, aug_metrics))
+        loss, scores = adapters.infonce(contrast, lc.temperature, negatives=lc.negatives,
+                                        tau_plus=lc.tau_plus, beta=lc.hard_beta)
+        per_direction.append(jnp.mean(loss))
+        seen.append(scores)
+        enqueue[x] = contrast.to_enqueue
+      return sum(per_direction), (stats, (enqueue, seen, aug_metrics))
 
-    (loss, (stats, (z, aug_metrics))), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params["encoder"])
+    (loss, (stats, (enqueue, seen, aug_metrics))), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params["encoder"])
     grads = parallel.pmean(grads)
     params, opt, update_norm = self._apply_encoder_update(state, grads)
-    # The banks take the encoder's original embeddings, never augmented features.
+    # The banks take the encoder's original embeddings (to_enqueue), never augmented features.
     banks = memory_bank.update(state.banks, parallel.gather_rows(batch["index"]),
-                               [parallel.gather_rows(f) for f in z], cfg.bank.momentum)
-    pos, neg = memory_bank.split_scores(memory_bank.scores_from_rows(z, rows))
+                               [parallel.gather_rows(enqueue[v]) for v in range(self.num_views)],
+                               cfg.bank.momentum)
+    # Score statistics of what the loss saw, as d = (cos + 1) / 2 (docs/contrastive_baselines.md
+    # §9).
+    pos = losses.score_from_cosine(jnp.stack([p for p, _ in seen], axis=1))
+    neg = losses.score_from_cosine(jnp.concatenate([n for _, n in seen], axis=1))
     new_state = state.replace(step=state.step + 1, params={"encoder": params},
                               batch_stats={"encoder": stats}, opt_state={"encoder": opt},
                               banks=banks)
     metrics = {"loss": loss, "grad_norm": common.global_norm(grads), "update_norm": update_norm,
                **common.score_stats(pos, neg), **aug_metrics}
     return new_state, parallel.pmean(metrics)
-
-  def _bank_infonce(self, query, rows):
-    """Per-anchor InfoNCE against K+1 bank rows, with `loss.negatives` plain, debiased or
-    hard (the positive is column 0)."""
-    lc = self.config.loss
-    if lc.negatives == "plain":
-      return losses.bank_infonce(query, rows, lc.temperature)
-    scores = losses.bank_scores(query, rows)
-    return losses.infonce_from_scores(scores[:, 0], scores[:, 1:], lc.temperature,
-                                      negatives=lc.negatives, tau_plus=lc.tau_plus,
-                                      beta=lc.hard_beta)

@@ -10,6 +10,7 @@
     embeddings.
 
 Both read the shared `ft` section; `moco_ft` also reads `moco`, `cmc_ft` the `bank` section.
+`metaug_ft`, FT on MetAug's bank calls, is defined with MetAug (methods/metaug.py).
 """
 
 from metaug_jax.augmenters import feature_transform as ft_lib

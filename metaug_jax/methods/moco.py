@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from metaug_jax import ema, feature_aug, losses, parallel, queue
+from metaug_jax import ema, feature_aug, parallel, queue
+from metaug_jax.losses import adapters
 from metaug_jax.config_check import Range
 from metaug_jax.methods import common, registry, siamese
 from metaug_jax.methods.registry import PaperRow, table1
@@ -69,11 +70,8 @@ class MoCo(siamese.TwoViewMethod):
     """Per-anchor InfoNCE of one direction's (augmented) ContrastBatch: the key is the
     positive, the queue the negatives (MoCo Eq. 1); also returns the scores the loss saw."""
     lc = self.config.loss
-    pos = feature_aug.positive_scores(batch)[:, 0]
-    neg = feature_aug.negative_scores(batch)
-    return losses.infonce_from_scores(pos, neg, self.config.moco.temperature,
-                                      negatives=lc.negatives, tau_plus=lc.tau_plus,
-                                      beta=lc.hard_beta), (pos, neg)
+    return adapters.infonce(batch, self.config.moco.temperature, negatives=lc.negatives,
+                            tau_plus=lc.tau_plus, beta=lc.hard_beta)
 
   def train_step(self, state, batch):
     mc = self.config.moco

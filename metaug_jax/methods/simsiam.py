@@ -9,7 +9,8 @@ bottleneck predictor (Sec. 3: 512 hidden for a 2048-wide projection; here a quar
 import jax.numpy as jnp
 import ml_collections
 
-from metaug_jax import losses, parallel
+from metaug_jax import feature_aug, parallel
+from metaug_jax.losses import adapters
 from metaug_jax.config_check import Range
 from metaug_jax.methods import common, registry, siamese
 
@@ -44,7 +45,8 @@ class SimSiam(siamese.TwoViewMethod):
       p, pred_stats = self.predict(online["predictor"], state.batch_stats["predictor"],
                                    jnp.concatenate([z1, z2], axis=0))
       p1, p2 = jnp.split(p, 2, axis=0)
-      loss = losses.symmetric_negative_cosine(p1, p2, z1, z2)
+      loss = 0.5 * (adapters.negative_cosine(feature_aug.ContrastBatch(p1, z2[:, None])) +
+                    adapters.negative_cosine(feature_aug.ContrastBatch(p2, z1[:, None])))
       return loss, (enc_stats, pred_stats, z1)
 
     (params, stats, opt), loss, z1, metrics = self._online_step(state, loss_fn)
