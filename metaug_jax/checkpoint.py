@@ -2,7 +2,10 @@
 
 A checkpoint holds the train state and the config it was trained with (JSON), so that
 `metaug_jax.eval` can rebuild the model from the workdir alone and a resumed run can refuse a
-config whose shapes do not match.
+config whose shapes do not match: a few fields that identify the experiment must agree
+(`SHAPE_FIELDS`), and the saved state's tree and array shapes (orbax's metadata) must be those
+of the abstract state the current config builds (`state_differences`), whatever field made
+them differ.
 
 Checkpoints are read defensively: `Checkpointer.restore_intact` walks the steps newest first
 and passes over damaged ones (a truncated data file, a missing metadata file, a save that never
@@ -21,10 +24,17 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-# Fields that change parameter or bank shapes: a checkpoint cannot be used with others.
+# Fields that identify the experiment a checkpoint belongs to (the method, the data, the
+# encoder): a checkpoint is refused with others even where its shapes would fit. Any other
+# field that changes a shape is caught by comparing the state trees (`state_differences`).
 SHAPE_FIELDS = ("method", "dataset", "data.views", "data.num_views", "data.input_size",
                 "model.encoder", "model.embedding_dim", "model.width", "model.share_encoder",
                 "model.mag_hidden")
+DEFAULT_FIX = "use the checkpoint's values (or a fresh --workdir)"
+# A mismatch's one line names this many differing arrays and config fields; the rest counted.
+MAX_LEAVES, MAX_FIELDS = 3, 6
+# The order in which a mismatch names the state's differing arrays: parameters first.
+_PARTS = ("params", "banks", "batch_stats", "opt_state")
 
 
 # orbax writes a step into "<step>.orbax-checkpoint-tmp[-<timestamp>]" and renames it when done.
@@ -70,14 +80,42 @@ def skipped_warning(skipped, then: str) -> str:
   return f"warning: skipping the checkpoints at steps {steps}; {then}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """What `Checkpointer.restore_intact` restores a checkpoint onto: the abstract state the
+  current config builds (jax.eval_shape of the method's init), that config (a mismatch names
+  its fields that differ from the saved ones) and what a mismatch's message advises."""
+  state: Any
+  config: Optional[ml_collections.ConfigDict] = None
+  fix: str = DEFAULT_FIX
+
+
 def _get(d, dotted):
   for part in dotted.split("."):
     d = d[part]
   return d
 
 
-def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: str) -> None:
-  """Raises CheckpointMismatchError naming every shape-relevant field that differs."""
+def _flat(d: dict, prefix: str = "") -> dict:
+  """{'a': {'b': [1]}} -> {'a.b': (1,)}: a JSON config by dotted field, lists as tuples."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+def _named(items: list, most: int) -> str:
+  """The first `most` items joined by '; ', and how many more there are."""
+  more = len(items) - most
+  return "; ".join(items[:most]) + (f"; and {more} more" if more > 0 else "")
+
+
+def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: str,
+                     fix: str = DEFAULT_FIX) -> None:
+  """Raises CheckpointMismatchError, one line, naming every field of SHAPE_FIELDS that differs."""
   diffs = []
   for name in SHAPE_FIELDS:
     try:
@@ -87,9 +125,70 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: str)
     if old != new:
       diffs.append(f"config.{name}: checkpoint has {old!r}, config has {new!r}")
   if diffs:
-    raise CheckpointMismatchError(
-        f"the checkpoint in {where} was trained with a different config:\n  " +
-        "\n  ".join(diffs) + "\nUse the same values (or a fresh --workdir).")
+    raise CheckpointMismatchError(f"the checkpoint in {where} was trained with a different "
+                                  f"config ({'; '.join(diffs)}); {fix}")
+
+
+def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list:
+  """'config.F: checkpoint has A, config has B' for every field whose value differs between
+  the saved config (JSON) and `config`; the eval section's fields last."""
+  old, new = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
+  missing = object()
+  out = []
+  for name in sorted(set(old) | set(new), key=lambda n: (n.startswith("eval."), n)):
+    a, b = old.get(name, missing), new.get(name, missing)
+    if a != b:
+      a = "nothing" if a is missing else repr(a)
+      b = "nothing" if b is missing else repr(b)
+      out.append(f"config.{name}: checkpoint has {a}, config has {b}")
+  return out
+
+
+def _key_name(key) -> str:
+  """A tree path entry's name: a dict key, an attribute or a sequence index."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def leaf_shapes(tree) -> dict:
+  """{dotted path: shape} of a state's leaves, from arrays, ShapeDtypeStructs or orbax's
+  ArrayMetadata alike (a dataclass field and a dict key of the same name give one path)."""
+  return {".".join(_key_name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def state_differences(saved_tree, abstract_state) -> list:
+  """One phrase per leaf that differs between a saved state (orbax metadata) and the abstract
+  state of a config: present in one only, or of another shape."""
+  saved, current = leaf_shapes(saved_tree), leaf_shapes(abstract_state)
+  part = lambda name: name.split(".")[0]
+  order = lambda name: (_PARTS.index(part(name)) if part(name) in _PARTS else len(_PARTS), name)
+  out = []
+  for name in sorted(set(saved) | set(current), key=order):
+    if name not in current:
+      out.append(f"{name}: only in the checkpoint")
+    elif name not in saved:
+      out.append(f"{name}: not in the checkpoint")
+    elif saved[name] != current[name]:
+      out.append(f"{name}: checkpoint {saved[name]}, config {current[name]}")
+  return out
+
+
+def mismatch_message(where: str, step: int, leaves: list, saved_config: dict,
+                     target: Target) -> str:
+  """The one line of a state that does not fit: its differing leaves (a few), the config
+  fields that differ from the saved ones (a few), and the fix."""
+  fields = ([] if target.config is None else
+            config_differences(saved_config, target.config))
+  cause = (f"config fields that differ from the checkpoint's: {_named(fields, MAX_FIELDS)}"
+           if fields else
+           "no config field differs from the checkpoint's, so the data (its number of "
+           "examples: the memory-bank rows) or the code changed since it was written")
+  arrays = f"{len(leaves)} array" + ("s" if len(leaves) > 1 else "")
+  return (f"the checkpoint at step {step} in {where} does not fit this config: its state "
+          f"differs in {arrays} ({_named(leaves, MAX_LEAVES)}); {cause}; {target.fix}")
 
 
 class Checkpointer:
@@ -104,8 +203,11 @@ class Checkpointer:
     # arrays are copied off the devices, so the next step may donate them; close() waits.
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                            enable_async_checkpointing=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "config"))
+    # Handlers named up front, so that a step's metadata reads before anything is restored.
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -125,6 +227,16 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return out["config"]
 
+  def state_metadata(self, step: Optional[int] = None):
+    """The saved state's tree of orbax ArrayMetadata (shapes and dtypes, no data read).
+    Without its _METADATA file orbax would guess a partial tree from the array store, which
+    would read as a config mismatch: that is damage, and raises FileNotFoundError."""
+    step = self._resolve(step)
+    path = os.path.join(self.directory, str(step), "state", "_METADATA")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} is missing")
+    return self.manager.item_metadata(step)["state"]
+
   def restore_state(self, abstract_state, step: Optional[int] = None):
     """Restores onto the shapes/shardings of `abstract_state` (jax.eval_shape of init)."""
     step = self._resolve(step)
@@ -137,10 +249,13 @@ class Checkpointer:
                      advice: str = "") -> Restored:
     """The newest checkpoint that reads back (or exactly `step`), skipping damaged ones.
 
-    Newest first, for each step: restores the saved config, asks `target_fn(config)` for the
-    abstract state to restore onto (None: the config alone is wanted), then restores the
-    state. A failure to read (orbax, tensorstore, IO or JSON errors) marks the step damaged
-    and the walk goes on; errors raised by `target_fn` itself (a config mismatch) propagate.
+    Newest first, for each step: restores the saved config, asks `target_fn(config)` what to
+    restore onto (a `Target`, a bare abstract state, or None when the config alone is
+    wanted), compares the saved state's tree and shapes with it, then restores the state. A
+    failure to read (orbax, tensorstore, IO or JSON errors) marks the step damaged and the
+    walk goes on; a state that does not fit the target is a CheckpointMismatchError (one
+    line: the differing arrays and config fields), as are errors raised by `target_fn`
+    itself (a config mismatch); both propagate.
     Saves that never finished (orbax's temporary directories) newer than the step found are
     reported as skipped too. Raises DamagedCheckpointError, ending with `advice`, when
     `step`, or every checkpoint, is damaged; FileNotFoundError when there is none.
@@ -157,8 +272,20 @@ class Checkpointer:
       target = target_fn(config)
       if target is None:
         return Restored(s, config, None, tuple(skipped))
+      if not isinstance(target, Target):
+        target = Target(target)
       try:
-        state = self.restore_state(target, s)
+        saved_tree = self.state_metadata(s)
+      except Exception as e:  # pylint: disable=broad-except
+        skipped.append((s, f"truncated or unreadable state: {self._reason(e)}"))
+        continue
+      leaves = state_differences(saved_tree, target.state)
+      if leaves:
+        # orbax would restore the saved shapes without a word (or fail deep inside).
+        raise CheckpointMismatchError(mismatch_message(os.path.dirname(self.directory), s,
+                                                       leaves, config, target))
+      try:
+        state = self.restore_state(target.state, s)
       except Exception as e:  # pylint: disable=broad-except
         _quiet_orphaned_reads()
         skipped.append((s, f"truncated or unreadable state: {self._reason(e)}"))

@@ -3,8 +3,9 @@
 Rebuilds the model from the config saved with the checkpoint, with any --config.FIELD=value
 overrides on top (or from --config=FILE, which must match it in every shape-relevant field),
 restores the newest intact (or --step / --config.eval.step) checkpoint without touching the
-training state, and evaluates the frozen encoder (BatchNorm in eval mode) with the probes of
-evaluation/probes.py, training's final probe, on features extracted once per split:
+training state (refused in one line when its arrays do not fit the config's), and evaluates
+the frozen encoder (BatchNorm in eval mode) with the probes of evaluation/probes.py,
+training's final probe, on features extracted once per split:
   * linear probes (docs/metaug.md §7) on the conv / fc (/ mag_hidden) features: all labels
     (eval.probe_augment: the paper's fresh crop/flip views per epoch), few labels
     (eval.few_label_fractions of each class, eval.few_label_draws draws), and the epoch chosen
@@ -31,12 +32,13 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir holding checkpoints/.")
 _STEP = flags.DEFINE_integer("step", 0, "Checkpoint step to evaluate (0: the newest intact one).")
 
-def _one_line_mismatch(error: Exception, workdir: str, fix: str) -> str:
-  """check_compatible's multi-line message as one line, with the eval-specific fix."""
-  lines = [l.strip() for l in str(error).splitlines()]
-  diffs = [l for l in lines if l.startswith("config.")] or lines
-  return (f"the checkpoint in {workdir} was trained with a different config ("
-          f"{'; '.join(diffs)}); {fix}")
+def mismatch_fix(config) -> str:
+  """What a config mismatch's message advises: with --config, matching values; without, no
+  overrides of the fields the checkpoint fixes."""
+  if config is None:
+    return "the checkpoint fixes these fields, so drop those --config overrides"
+  return ("pass matching values, or leave out --config to use the config saved with the "
+          "checkpoint")
 
 
 def eval_config(saved: dict, workdir: str, config=None, overrides=None):
@@ -45,18 +47,12 @@ def eval_config(saved: dict, workdir: str, config=None, overrides=None):
   must leave those fields alone. A contradiction is a one-line CheckpointMismatchError."""
   from metaug_jax import checkpoint as ckpt_lib
 
+  fix = mismatch_fix(config)
   if config is None:
-    fix = "the checkpoint fixes these fields, so drop those --config overrides"
     config = config_base.get_base_config()
     config.update_from_flattened_dict(_flatten(saved))
     config.update_from_flattened_dict(dict(overrides or {}))
-  else:
-    fix = ("pass matching values, or leave out --config to use the config saved with the "
-           "checkpoint")
-  try:
-    ckpt_lib.check_compatible(saved, config, workdir)
-  except ckpt_lib.CheckpointMismatchError as e:
-    raise ckpt_lib.CheckpointMismatchError(_one_line_mismatch(e, workdir, fix)) from None
+  ckpt_lib.check_compatible(saved, config, workdir, fix)
   return config
 
 
@@ -108,7 +104,9 @@ def evaluate_workdir(workdir: str, config=None, step: int = 0, overrides=None) -
 
   def target(saved: dict):
     exp = experiment(saved)
-    return None if exp.config.eval.random_init else exp.abstract_state()
+    if exp.config.eval.random_init:
+      return None
+    return ckpt_lib.Target(exp.abstract_state(), exp.config, mismatch_fix(config))
 
   ckpt = ckpt_lib.Checkpointer(workdir, create=False)
   try:

@@ -208,7 +208,7 @@ def _restore_or_init(exp: Experiment, ckpt: ckpt_lib.Checkpointer, workdir: str)
 
   def target(saved: dict):
     ckpt_lib.check_compatible(saved, config, workdir)
-    return exp.abstract_state()
+    return ckpt_lib.Target(exp.abstract_state(), config)
 
   found = ckpt.restore_intact(target, advice=f"a fresh --workdir, or deleting "
                                              f"{ckpt.directory}, starts over")

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from metaug_jax import parallel
+from metaug_jax import methods, parallel
 from metaug_jax.data import augment
 from metaug_jax.data import hierarchical as H
 from metaug_jax.methods import hierarchical as hai_method
@@ -282,6 +282,40 @@ def test_probe_reads_only_the_last_exit(simsiam_runs):
   deep = {**state.params, "encoder": {**state.params["encoder"],
                                       "stage4_block1": noisy["encoder"]["stage4_block1"]}}
   assert max_diff(base["conv"], features(deep, state.batch_stats, views)["conv"]) > 1e-3
+
+
+def _numpy_cos(p, z):
+  return np.sum(p * z, -1) / np.linalg.norm(p, axis=-1) / np.linalg.norm(z, axis=-1)
+
+
+def _numpy_barlow(z1, z2, lam):
+  """Barlow Twins' Eq. 1 on batch-standardised views (BatchNorm's eps), in NumPy."""
+  std = lambda z: (z - z.mean(0)) / np.sqrt(z.var(0) + 1e-5)
+  c = std(z1).T @ std(z2) / z1.shape[0]
+  off = ~np.eye(c.shape[0], dtype=bool)
+  return np.sum((1 - np.diag(c)) ** 2) + lam * np.sum(c[off] ** 2)
+
+
+def test_each_exits_loss_is_its_base_methods_loss_adapter():
+  """exit_loss (the loss adapters of simsiam, byol and barlow_twins on one exit's halves)
+  against the base methods' formulas in NumPy, views' rows stacked [view 1; view 2]."""
+  facts = methods.DataFacts(view_channels=(1, 1), bank_size=16, steps_per_epoch=2,
+                            global_batch=8)
+  rng = np.random.default_rng(0)
+  p, z = (rng.normal(size=(16, 6)).astype(np.float32) for _ in range(2))
+  b = 8
+  simsiam = methods.build(tiny("simsiam_hai"), facts)
+  want = -0.5 * (np.mean(_numpy_cos(p[:b], z[b:])) + np.mean(_numpy_cos(p[b:], z[:b])))
+  np.testing.assert_allclose(simsiam.exit_loss(p, z), want, rtol=1e-5)
+  byol = methods.build(tiny("byol_hai"), facts)
+  want = np.mean(2 - 2 * _numpy_cos(p[:b], z[b:])) + np.mean(2 - 2 * _numpy_cos(p[b:], z[:b]))
+  np.testing.assert_allclose(byol.exit_loss(p, z), want, rtol=1e-5)
+  config = tiny("barlow_hai", **{"hai.scale_loss": 0.5, "hai.lambda_offdiag": 0.01})
+  barlow = methods.build(config, facts)
+  got = jax.vmap(barlow.exit_loss, axis_name=parallel.AXIS)(z[None])[0]
+  np.testing.assert_allclose(got, 0.5 * _numpy_barlow(z[:b].astype(np.float64),
+                                                      z[b:].astype(np.float64), 0.01),
+                             rtol=1e-4)
 
 
 @pytest.mark.slow  # four more train-step compilations (~2 minutes on a busy 2-core CPU)

@@ -11,6 +11,8 @@ of one base-method loss per exit, L = sum_s L_s with equal weights (their Fig. 3
                Eq. 2), the target an EMA of the backbone *and* the exits' projectors;
   barlow_hai:  L_s = scale * [sum_i (1 - C_ii)^2 + lambda sum_{i!=j} C_ij^2] (Zbontar et al.
                2021, Eq. 1; the supplement's scale 1/32 and lambda 3.9e-3).
+Each exit's loss is its base method's loss adapter (losses/adapters.py) on that exit's
+ContrastBatches, as in the plain simsiam, byol and barlow_twins steps (`exit_loss`).
 The linear probe reads the ordinary backbone: the last exit's pooled feature.
 """
 
@@ -19,9 +21,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from metaug_jax import ema, losses, parallel
+from metaug_jax import ema, feature_aug, parallel
 from metaug_jax.config_check import Choice, Range
 from metaug_jax.data import hierarchical as hai_data
+from metaug_jax.losses import adapters
 from metaug_jax.methods import base, common, registry, siamese
 from metaug_jax.models import expanded_heads, heads, multi_exit
 from metaug_jax.models.encoders import parse_dtype
@@ -311,12 +314,25 @@ def _halves(x):
   return jnp.split(x, 2, axis=0)
 
 
+def _pair(anchor: jax.Array, positive: jax.Array) -> feature_aug.ContrastBatch:
+  """One direction of an exit: anchor (B, D) against its one positive (B, D)."""
+  return feature_aug.ContrastBatch(anchor=anchor, positive=positive[:, None])
+
+
 @registry.register(
     "simsiam_hai", summary="SimSiam + hierarchical augmentation invariance with expanded "
     "views: one SimSiam loss per encoder exit", section=SECTION, defaults=defaults,
     ranges=RANGES, variant=variant, check=check("simsiam_hai"))
 class SimSiamHAI(HierarchicalMethod):
   """The released base method: per-exit SimSiam losses, summed."""
+
+  @staticmethod
+  def exit_loss(p: jax.Array, z: jax.Array) -> jax.Array:
+    """D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2 of one exit's (2B, D) predictions and
+    projections, view 1's rows first (Chen & He 2021, Eq. 4)."""
+    (p1, p2), (z1, z2) = _halves(p), _halves(z)
+    return 0.5 * (adapters.negative_cosine(_pair(p1, z2)) +
+                  adapters.negative_cosine(_pair(p2, z1)))
 
   def train_step(self, state, batch):
     views = self.stage_views(state, batch)
@@ -326,8 +342,7 @@ class SimSiamHAI(HierarchicalMethod):
                                                online["heads"], state.batch_stats["heads"],
                                                views)
       ps, pred_stats = self.predict(online["predictor"], state.batch_stats["predictor"], zs)
-      per = [losses.symmetric_negative_cosine(*_halves(p), *_halves(z))
-             for p, z in zip(ps, zs)]
+      per = [self.exit_loss(p, z) for p, z in zip(ps, zs)]
       stats = {"encoder": enc_stats, "heads": head_stats, "predictor": pred_stats}
       return sum(per), (stats, (per, zs[-1]))
 
@@ -358,6 +373,14 @@ class BYOLHAI(HierarchicalMethod):
     super().__init__(config, facts)
     self.total_steps = int(config.num_train_steps or config.num_epochs * facts.steps_per_epoch)
 
+  @staticmethod
+  def exit_loss(p: jax.Array, t: jax.Array) -> jax.Array:
+    """2 - 2 cos(p1, sg(t2)) + 2 - 2 cos(p2, sg(t1)) of one exit's (2B, D) online predictions
+    and target projections, view 1's rows first (Grill et al. 2020, Eq. 2 symmetrised)."""
+    (p1, p2), (t1, t2) = _halves(p), _halves(t)
+    return (adapters.negative_cosine(_pair(p1, t2), form="byol") +
+            adapters.negative_cosine(_pair(p2, t1), form="byol"))
+
   def _init_extra(self, state, key, variables, sample_views):
     return state.replace(
         params={**state.params, "target": state.params["encoder"],
@@ -377,10 +400,7 @@ class BYOLHAI(HierarchicalMethod):
                                                online["heads"], state.batch_stats["heads"],
                                                views)
       ps, pred_stats = self.predict(online["predictor"], state.batch_stats["predictor"], zs)
-      per = []
-      for p, t in zip(ps, targets):
-        (p1, p2), (t1, t2) = _halves(p), _halves(t)
-        per.append(losses.byol_loss(p1, t2) + losses.byol_loss(p2, t1))
+      per = [self.exit_loss(p, t) for p, t in zip(ps, targets)]
       stats = {"encoder": enc_stats, "heads": head_stats, "predictor": pred_stats}
       return sum(per), (stats, per)
 
@@ -407,16 +427,22 @@ class BarlowHAI(HierarchicalMethod):
 
   uses_predictor = False
 
+  def exit_loss(self, z: jax.Array) -> jax.Array:
+    """`hai.scale_loss` x Barlow Twins' loss of one exit's (2B, D) projections, view 1's rows
+    first, the cross-correlation over the global batch (Zbontar et al. 2021, Eq. 1)."""
+    h = self.config.hai
+    z1, z2 = _halves(z)
+    return h.scale_loss * adapters.barlow_twins(_pair(z1, z2), h.lambda_offdiag,
+                                                axis_name=parallel.AXIS)
+
   def train_step(self, state, batch):
     views = self.stage_views(state, batch)
-    h = self.config.hai
 
     def loss_fn(online):
       zs, enc_stats, head_stats = self.project(online["encoder"], state.batch_stats["encoder"],
                                                online["heads"], state.batch_stats["heads"],
                                                views)
-      per = [h.scale_loss * losses.barlow_twins(*_halves(z), h.lambda_offdiag,
-                                                axis_name=parallel.AXIS) for z in zs]
+      per = [self.exit_loss(z) for z in zs]
       return sum(per), ({"encoder": enc_stats, "heads": head_stats}, per)
 
     params, stats, opt, _, per, metrics = self._sgd_step(state, loss_fn, ("encoder", "heads"))
