@@ -132,15 +132,18 @@ def run_one(config, workdir: str) -> dict:
   return _cached(os.path.join(workdir, "compare_result.json"), compute)
 
 
-def floor_one(config, workdir: str) -> dict:
-  """Every probe of `config`'s architecture at random initialisation (cached)."""
+def floor_one(config, parent: str) -> dict:
+  """Every probe of `config`'s architecture at random initialisation, cached under `parent`
+  by what the floor depends on (floor_key): rows that differ only in training fields (a grid
+  over loss weights, a meta-gradient strategy) share one floor instead of recomputing it."""
   from metaug_jax import train
 
+  exp = train.build_experiment(config)
+  state = exp.init_state()
+
   def compute():
-    exp = train.build_experiment(config)
-    return {"probe": train.evaluate_state(exp, exp.init_state(),
-                                          title="random-init floor")}
-  return _cached(os.path.join(workdir, "floor_result.json"), compute)
+    return {"probe": train.evaluate_state(exp, state, title="random-init floor")}
+  return _cached(os.path.join(parent, comparison.floor_dir(exp, state), "floor_result.json"), compute)
 
 
 def pixel_floor(config, workdir: str) -> dict:
@@ -183,7 +186,7 @@ def main(argv):
       name = comparison.run_dir(method, changes, seed, config)
       print(f"== {name}", flush=True)
       per_seed.append(run_one(config, os.path.join(_WORKDIR.value, name)))
-      floors.append(floor_one(config, os.path.join(_WORKDIR.value, f"floor_{name}")))
+      floors.append(floor_one(config, _WORKDIR.value))
     rows.append({"label": label, "method": method, "grid": overrides, "paper": paper,
                  "runs": per_seed, "floors": floors})
   # After the training runs: the first of them applies the config's XLA settings, which must

@@ -40,6 +40,30 @@ def run_key(config) -> str:
   return hashlib.sha256((text + code_version()).encode()).hexdigest()[:10]
 
 
+def floor_dir(exp, state) -> str:
+  """A random-init floor's directory name under --workdir: method, seed and floor_key."""
+  return f"floor_{exp.config.method}_seed{exp.config.seed}-{floor_key(exp, state)}"
+
+
+def floor_key(exp, state) -> str:
+  """The random-init floor's cache key: the method's class (its feature levels), the initial
+  parameters and BatchNorm statistics (their bytes), the data, model and eval sections of the
+  config, and the code version; the training fields do not enter."""
+  import jax
+  import numpy as np
+  digest = hashlib.sha256()
+  digest.update(f"{type(exp.method).__module__}.{type(exp.method).__qualname__}".encode())
+  for leaf in jax.tree_util.tree_leaves(jax.device_get((state.params, state.batch_stats))):
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  c = exp.config
+  for part in (c.dataset, c.data_dir, c.data, c.model, c.eval, c.seed,
+               code_version()):
+    text = (part.to_json_best_effort(sort_keys=True)
+            if hasattr(part, "to_json_best_effort") else str(part))
+    digest.update(text.encode())
+  return digest.hexdigest()[:10]
+
+
 def row_config(base, method: str, seed: int, overrides: dict):
   """The resolved config of one run: the base config, the method's variant, the seed, then
   the row's and the grid's overrides."""

@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 import comparison as compare  # noqa: E402  (experiments/comparison.py; compare.py defines flags)
+from metaug_jax import train  # noqa: E402
 import digits  # noqa: E402  (configs/digits.py)
 
 
@@ -207,7 +208,8 @@ def test_compare_cli_prints_every_table_from_cached_runs(tmp_path):
       config = compare.row_config(base, row["method"], seed, {})
       name = compare.run_dir(row["method"], {}, seed, config)
       _write(tmp_path / name / "compare_result.json", run)
-      _write(tmp_path / f"floor_{name}" / "floor_result.json", floor)
+      exp = train.build_experiment(config)
+      _write(tmp_path / compare.floor_dir(exp, exp.init_state()) / "floor_result.json", floor)
   for seed, base_acc in ((0, 50), (1, 52)):
     name = compare.pixel_dir(compare.pixel_config(base, seed))
     _write(tmp_path / name / "pixel_floor.json", {"probe": fake_pixels(base_acc)})
@@ -227,6 +229,20 @@ def test_compare_cli_prints_every_table_from_cached_runs(tmp_path):
   for needle in ("Paired by seed against moco", "Paper (Li et al. 2022, Table 1",
                  "| MoCo v2 + FT | moco_ft |", "*val-selected*", "Commit "):
     assert needle in text and needle in result.stdout, needle
+
+
+def test_floor_key_ignores_training_fields_and_follows_the_seed_and_the_probes():
+  """Grid rows that differ only in how they train share one random-init floor."""
+  base = digits.get_config("tiny")
+
+  def key(**changes):
+    exp = train.build_experiment(compare.row_config(base, "metaug", changes.pop("seed", 0),
+                                                    changes))
+    return compare.floor_dir(exp, exp.init_state())
+  plain = key()
+  assert key(**{"metaug.lambda_aug": 0.5, "metaug.first_order": True, "optim.lr": 1.0}) == plain
+  assert key(seed=1) != plain
+  assert key(**{"eval.knn_k": 3}) != plain
 
 
 def test_pixel_floor_key_follows_the_data_and_the_probes_not_the_method():
