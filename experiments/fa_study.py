@@ -138,7 +138,7 @@ def family_table(family: str, rows: list, floors: list, sweep_keys: list) -> str
   floor, the plain method, then every FA row with its paired difference to the plain method
   per feature level."""
   levels = [lvl for lvl in ("conv", "fc")
-            if any(lvl in r["probe"] for _, runs in rows for r in runs)]
+            if any(lvl in r["probe"].get("linear", {}) for _, runs in rows for r in runs)]
   plain_runs = rows[0][1]
   head = ["row", "placement", "op", "policy", *sweep_keys,
           *(f"{lvl} acc" for lvl in levels), *(f"{lvl} vs plain" for lvl in levels), "s / step"]
@@ -146,26 +146,29 @@ def family_table(family: str, rows: list, floors: list, sweep_keys: list) -> str
            f"{FAMILIES[family][1]}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   blank = ["–"] * (3 + len(sweep_keys))
   lines.append("| random-init floor | " + " | ".join(blank) + " | " +
-               " | ".join(_mean_std(accuracies(floors, lvl)) for lvl in levels) + " | " +
+               " | ".join(_mean_std(accuracies(floors, "linear", lvl)) for lvl in levels) +
+               " | " +
                " | ".join("–" for _ in levels) + " | – |")
   for row, runs in rows:
     cell = row[4]
     cells = [row[1], *(str(cell.get(k, "–")) for k in ("placement", "op", "policy")),
              *(f"{cell[k]:g}" if isinstance(cell.get(k), float) else str(cell.get(k, "–"))
                for k in sweep_keys)]
-    cells += [_mean_std(accuracies(runs, lvl)) for lvl in levels]
+    cells += [_mean_std(accuracies(runs, "linear", lvl)) for lvl in levels]
     cells += ["–" if runs is plain_runs else
-              _test_cell(paired_test(accuracies(runs, lvl), accuracies(plain_runs, lvl)))
+              _test_cell(paired_test(accuracies(runs, "linear", lvl),
+                                     accuracies(plain_runs, "linear", lvl)))
               for lvl in levels]
     cells.append(f"{sum(r['seconds_per_step'] for r in runs) / len(runs):.3f}")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-READING = """## Reading
+READING = """## How to read it
 
-To be written after the full run: for each hypothesis (docs/feature_augmentation.md §5), held,
-did not hold, or undecided at this budget, with the rows and p-values it rests on.
+For each hypothesis (docs/feature_augmentation.md §5): held, did not hold, or undecided at this
+budget, with the rows and p-values it rests on (the reading is written below the tables by
+whoever ran the study).
 
 - **H1** (copies must stay close to their originals; strong FA hurts): rows of one op across
   strengths (`--grid=fa.noise_std=...` or `fa.dropout_rate`, `fa.mix_alpha`), beside the copies'
@@ -178,8 +181,6 @@ did not hold, or undecided at this budget, with the rows and p-values it rests o
 - **H4** (FA complements data augmentation and cannot replace it): this study against the same
   command with weak data augmentation (`--extra=...`); FA's gain should be larger there, and
   no FA row with weak augmentation should reach the plain method with the standard one.
-
-_Held / did not hold:_ (to be filled in)
 """
 
 
@@ -229,9 +230,7 @@ def main(argv):
     plain = FAMILIES[family][0]
     floors[family] = []
     for seed in seeds:
-      config = base_config(plain, seed, extra)
-      floors[family].append(compare.floor_one(
-          config, os.path.join(workdir, f"floor_{plain}_seed{seed}-{run_key(config)}")))
+      floors[family].append(compare.floor_one(base_config(plain, seed, extra), workdir))
 
   tables = "\n\n".join(
       family_table(f, [(row, runs) for row, runs in zip(rows, results) if row[0] == f],

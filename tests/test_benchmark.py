@@ -7,9 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # the benchmark end to end in a subprocess: every MetAug variant compiles
 def test_benchmark_runs_the_metaug_variants_and_the_parts(tmp_path):
   md, js = tmp_path / "bench.md", tmp_path / "bench.json"
   proc = subprocess.run(

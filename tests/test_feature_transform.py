@@ -255,6 +255,7 @@ def _moco_ft_one_device():
   return run(tiny("moco_ft", **{"ft.granularity": "both"}), 1, 2)
 
 
+@pytest.mark.slow  # two MoCo + FT step compilations
 def test_moco_ft_trains_on_four_devices_like_on_one():
   config = tiny("moco_ft", **{"ft.granularity": "both"})   # element-wise: sliced per device
   config_check.validate(config, 4)

@@ -1,4 +1,4 @@
-"""experiments/meta_gradient_study.py: the second-order ratio read from a run's metrics and
+"""experiments/meta_gradient_report.py (the table of experiments/meta_gradient_study.py): the second-order ratio read from a run's metrics and
 the study table's paired tests, on hand-built runs (nothing trains)."""
 
 import json
@@ -7,7 +7,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
-import meta_gradient_study as study  # noqa: E402
+import meta_gradient_report as study  # noqa: E402  (flag-free: the study's flags clash)
 
 
 def _run(acc, ratio=None, sps=0.1):

@@ -169,7 +169,8 @@ def _one_step(method, state, batch):
   return jax.tree.map(lambda a: a[0], (new_state, metrics))
 
 
-@pytest.mark.parametrize("virtual_step_from", ["updated", "current"])
+@pytest.mark.parametrize("virtual_step_from", [
+    "updated", pytest.param("current", marks=pytest.mark.slow)])  # each ~1 minute
 def test_forward_over_reverse_equals_double_backward(x64, virtual_step_from):
   """metaug.meta_gradient="forward_over_reverse" (jvp of the omega-gradient) gives the same
   second-order MAG gradient as jax.grad-of-jax.grad, which the finite-difference test pins."""

@@ -255,6 +255,7 @@ def _ft_one_device():
   return run(ft_config(), 1, 2)
 
 
+@pytest.mark.slow  # two MetAug + FT steps (~1.5 minutes)
 def test_metaug_ft_banks_receive_the_original_embeddings_only():
   # The written rows are normalise(0.5 m + 0.5 z) with z the encoders' embeddings of the step's
   # views at the step's starting parameters (Phase A's), not the generated queries (nor FT's
@@ -280,6 +281,7 @@ def test_metaug_ft_banks_receive_the_original_embeddings_only():
   np.testing.assert_array_equal(np.asarray(new.banks)[:, others], np.asarray(old.banks)[:, others])
 
 
+@pytest.mark.slow  # two MetAug + FT step compilations
 def test_metaug_ft_trains_on_four_devices_like_on_one():
   _, one, m1 = _ft_one_device()
   _, four, m4 = run(ft_config(), 4, 2)

@@ -141,6 +141,7 @@ def test_pmap_train_mode_syncs_batch_norm():
   assert diff > 1e-3
 
 
+@pytest.mark.slow  # second-order gradients of the remat and plain encoders
 def test_remat_matches_plain_and_is_twice_differentiable():
   x = _images(4, 8, 1, seed=2)
   plain, remat = DigitsConvNet(width=0.125), DigitsConvNet(width=0.125, remat=True)

@@ -64,6 +64,7 @@ def _probe(scheduler: str, cse: bool = True, remat: bool = False,
   return json.loads(lines[-1][len("PROBE "):])
 
 
+@pytest.mark.slow  # two training subprocesses
 def test_memory_scheduler_trains_the_same_with_less_memory():
   fast, lean = _probe("concurrency"), _probe("memory")
   assert xla_runtime.FLAG not in fast["xla_flags"]
@@ -92,6 +93,7 @@ def test_memory_scheduler_after_the_backend_started_is_a_config_error(monkeypatc
   xla_runtime.apply_xla_cpu_scheduler("concurrency")  # the default needs nothing
 
 
+@pytest.mark.slow  # two training subprocesses
 def test_without_cse_remat_trains_the_same_and_keeps_its_recomputation():
   """jaxlib 0.10's XLA:CPU CSE merges model.remat's recomputation back into the forward
   (fewer convolutions, more memory); without CSE remat works. jaxlib 0.11 keeps it either way
@@ -128,6 +130,7 @@ def test_cse_setting_merges_with_xla_flags_and_reports_conflicts(monkeypatch):
   assert os.environ["XLA_FLAGS"] == ""
 
 
+@pytest.mark.slow  # two training subprocesses
 def test_eigen_conv_library_takes_the_convolutions_off_ynnpack():
   eigen = _probe("concurrency")                     # the default
   default = _probe("concurrency", conv_library="xla_default")

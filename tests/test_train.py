@@ -60,11 +60,16 @@ def assert_trees_close(a, b, atol):
   assert worst <= atol, worst
 
 
+# The variants beyond one per step family compile two more MetAug steps each: slow.
+_VARIANT = pytest.mark.slow
 @pytest.mark.parametrize("method,overrides", [
-    ("simclr", {}), ("cmc", {}), ("metaug_oucl_only", {}), ("metaug", {}),
-    ("metaug", {"metaug.algorithm": "legacy"}),
-    ("metaug", {"metaug.virtual_step_from": "current", "bank.schedule": "code_exact"}),
-    ("metaug", {"metaug.virtual_step_from": "current", "metaug.meta_gradient": "reverse"})])
+    ("simclr", {}), ("cmc", {}), pytest.param("metaug_oucl_only", {}, marks=_VARIANT),
+    ("metaug", {}),
+    pytest.param("metaug", {"metaug.algorithm": "legacy"}, marks=_VARIANT),
+    pytest.param("metaug", {"metaug.virtual_step_from": "current",
+                            "bank.schedule": "code_exact"}, marks=_VARIANT),
+    pytest.param("metaug", {"metaug.virtual_step_from": "current",
+                            "metaug.meta_gradient": "reverse"}, marks=_VARIANT)])
 def test_four_devices_match_one_device(method, overrides):
   config = tiny_config(method, **overrides)
   # The legacy encoder look-ahead at this test's large inner step amplifies any 1e-7
@@ -201,6 +206,7 @@ def test_cli_end_to_end_trains_checkpoints_and_evaluates(tmp_path):
   assert "| conv |" in ev.stdout and os.path.exists(workdir / "eval_step_6.json")
 
 
+@pytest.mark.slow  # two MetAug step compilations; the golden test pins the fused step too
 def test_fused_meta_step_shares_phase_a_exactly():
   """virtual_step_from=current reuses Phase A's gradient: same encoder update, other MAG one."""
   paper, _ = run_steps(tiny_config("metaug"), 1, 1)
@@ -212,6 +218,7 @@ def test_fused_meta_step_shares_phase_a_exactly():
   assert max(jax.tree.leaves(diff)) > 1e-7
 
 
+@pytest.mark.slow  # two MetAug step compilations (test_models checks remat on the encoder)
 def test_remat_metaug_step_matches_plain():
   """model.remat trades memory for recomputation only: the same MetAug step (both parts of
   the meta-gradient go through the rematerialised, linearised encoder)."""
