@@ -42,7 +42,6 @@ once per seed and shared by every row.
 import itertools
 import json
 import os
-import shlex
 import sys
 import time
 
@@ -50,7 +49,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import comparison  # experiments/comparison.py
-from comparison import provenance, run_key
+from comparison import run_key
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Parent directory of the runs.")
@@ -204,25 +203,17 @@ def main(argv):
   tests = comparison.tests_table(rows, _BASELINE.value, grid_keys, kinds, levels)
   paper = comparison.paper_table(rows, base.dataset)
   others = comparison.other_papers_table(rows, base.dataset)
-  meta = provenance()
-  wall = time.time() - started
   trained = sum(r.get("wall_seconds", 0.0) for row in rows for r in row["runs"] + row["floors"])
   trained += sum(r.get("wall_seconds", 0.0) for r in pixels)
-  footer = (f"Commit {meta['commit']} (code version {meta['code_version']}); {meta['versions']}; "
-            f"{meta['device']}. Wall time of this command {wall / 60:.1f} min; the runs' own "
-            f"wall time (training, probes and floors, including runs reused from an earlier "
-            f"invocation) {trained / 60:.1f} min.")
+  footer = comparison.provenance_footer(started, trained)
   seeds = ",".join(_SEEDS.value)
   caption = _caption(rows, seeds)
   sections = [s for s in (table, tests, paper, others) if s]
   print(f"\n{caption}\n\n" + "\n\n".join(sections) + f"\n\n{footer}")
   if _OUT.value:
-    command = "python " + shlex.join(sys.argv)
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-      f.write(f"# {os.path.basename(base.dataset)}: {', '.join(_METHODS.value)}\n\n"
-              f"Command:\n\n```\n{command}\n```\n\n{caption}\n\n"
-              + "\n\n".join(sections) + f"\n\n{footer}\n")
+    comparison.write_results(_OUT.value, f"{os.path.basename(base.dataset)}: "
+                             f"{', '.join(_METHODS.value)}",
+                             f"{caption}\n\n" + "\n\n".join(sections) + f"\n\n{footer}\n")
 
 
 def _caption(rows: list, seeds: str) -> str:

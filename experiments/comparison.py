@@ -164,6 +164,26 @@ def provenance() -> dict:
 # ---- the results tables ------------------------------------------------------------------------
 
 
+def provenance_footer(started: float, runs_seconds: float) -> str:
+  """The last line of every results file: provenance, this command's wall time since
+  `started`, and the runs' own wall time (`runs_seconds`, reused runs included)."""
+  import time
+  meta = provenance()
+  return (f"Commit {meta['commit']} (code version {meta['code_version']}); {meta['versions']}; "
+          f"{meta['device']}. Wall time of this command {(time.time() - started) / 60:.1f} "
+          f"min; the runs' own wall time (training, probes and floors, including runs reused "
+          f"from an earlier invocation) {runs_seconds / 60:.1f} min.")
+
+
+def write_results(out: str, title: str, body: str) -> None:
+  """A results file: the title, the exact command that made it, then `body`."""
+  import shlex
+  import sys
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    f.write(f"# {title}\n\nCommand:\n\n```\npython {shlex.join(sys.argv)}\n```\n\n{body}")
+
+
 def probe_columns(runs: list, kinds=None) -> list:
   """The probe columns present in any of `runs`, in table order; `kinds` (e.g. ["linear",
   "few_label"]) keeps only those kinds (few_label: every fraction)."""

@@ -30,14 +30,14 @@ data augmentation). compare.py's --methods and --baseline do not apply here.
 
 import itertools
 import os
-import shlex
 import sys
 import time
 
 from absl import app, flags
 
 import compare  # experiments/compare.py: its flags --config, --workdir, --seeds, --grid, --out
-from comparison import accuracies, paired_test, provenance, run_key
+from comparison import (accuracies, paired_test, provenance_footer, run_key,
+                        write_results)
 
 FLAGS = flags.FLAGS
 
@@ -237,13 +237,9 @@ def main(argv):
                    floors[f], sweep_keys) for f in _FAMILIES.value)
   skipped_text = "\n".join(f"- {f} {c['placement']} x {c['op']}: {why}"
                            for f, c, why in skipped) or "- none"
-  meta = provenance()
   trained = sum(r.get("wall_seconds", 0.0) for runs in results for r in runs) + \
       sum(r.get("wall_seconds", 0.0) for runs in floors.values() for r in runs)
-  footer = (f"Commit {meta['commit']} (code version {meta['code_version']}); {meta['versions']}; "
-            f"{meta['device']}. Wall time of this command {(time.time() - started) / 60:.1f} "
-            f"min; the runs' own wall time (training, probes and floors, including runs reused "
-            f"from an earlier invocation) {trained / 60:.1f} min.")
+  footer = provenance_footer(started, trained)
   config = FLAGS.config
   everywhere = f"; every row also has {_EXTRA.value}" if extra else ""
   text = (f"Linear-probe top-1 test accuracy (%) at the final probe epoch, mean ± std over "
@@ -256,13 +252,9 @@ def main(argv):
           f"\n\n{tables}\n\nSkipped cells:\n\n{skipped_text}\n\n{READING}\n{footer}\n")
   print("\n" + text)
   if FLAGS.out:
-    command = "python " + shlex.join(sys.argv)
-    out = FLAGS.out
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-      f.write(f"# Feature augmentation study: {', '.join(_FAMILIES.value)} on "
-              f"{config.dataset}\n\nCommand:\n\n```\n{command}\n```\n\n{text}")
-    print(f"wrote {out}")
+    write_results(FLAGS.out, f"Feature augmentation study: {', '.join(_FAMILIES.value)} on "
+                             f"{config.dataset}", text)
+    print(f"wrote {FLAGS.out}")
 
 
 if __name__ == "__main__":

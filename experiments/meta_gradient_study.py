@@ -29,7 +29,6 @@ experiments/compare.py's, cached under the same keys, so rows it already trained
 """
 
 import os
-import shlex
 import sys
 import time
 
@@ -108,7 +107,6 @@ def main(argv):
                                                            comparison.pixel_dir(config))))
 
   table = study_table(names, plan, results, floors, pixels)
-  meta = comparison.provenance()
   own = sum(r.get("wall_seconds", 0.0) for runs in results.values() for r in runs)
   config = base
   text = (f"Test accuracy (%) of the probes of the final encoder, mean ± std over seeds "
@@ -118,18 +116,12 @@ def main(argv):
           f"t-test p-value, seeds where the row is ahead / seeds); '2nd-order / direct' the "
           f"median over logged steps of the norm of the MAG gradient's second-order part over "
           f"its direct part; s / step the median step time after compilation.\n\n{table}\n\n"
-          f"Commit {meta['commit']} (code version {meta['code_version']}); {meta['versions']}; "
-          f"{meta['device']}. Wall time of this command {(time.time() - started) / 60:.1f} "
-          f"min; the training runs' own wall time (including runs reused from an earlier "
-          f"invocation) {own / 60:.1f} min.\n")
+          f"{comparison.provenance_footer(started, own)}\n")
   print("\n" + text)
   if FLAGS.out:
-    out = FLAGS.out
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-      f.write(f"# Does the meta step matter? MetAug's meta-gradient on {config.dataset}\n\n"
-              f"Command:\n\n```\npython {shlex.join(sys.argv)}\n```\n\n{text}")
-    print(f"wrote {out}")
+    comparison.write_results(FLAGS.out, f"Does the meta step matter? MetAug's meta-gradient on "
+                                        f"{config.dataset}", text)
+    print(f"wrote {FLAGS.out}")
 
 
 if __name__ == "__main__":

@@ -96,12 +96,13 @@ def _get(d, dotted):
   return d
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  """{'a': {'b': [1]}} -> {'a.b': (1,)}: a JSON config by dotted field, lists as tuples."""
+def flat_config(d: dict, prefix: str = "") -> dict:
+  """{'a': {'b': [1]}} -> {'a.b': (1,)}: a JSON config by dotted field, lists back to tuples
+  (configs use tuples), as ConfigDict.update_from_flattened_dict takes it."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
+      out.update(flat_config(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
   return out
@@ -132,7 +133,7 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: str,
 def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list:
   """'config.F: checkpoint has A, config has B' for every field whose value differs between
   the saved config (JSON) and `config`; the eval section's fields last."""
-  old, new = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
+  old, new = flat_config(saved), flat_config(json.loads(config.to_json_best_effort()))
   missing = object()
   out = []
   for name in sorted(set(old) | set(new), key=lambda n: (n.startswith("eval."), n)):

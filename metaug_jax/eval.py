@@ -50,7 +50,7 @@ def eval_config(saved: dict, workdir: str, config=None, overrides=None):
   fix = mismatch_fix(config)
   if config is None:
     config = config_base.get_base_config()
-    config.update_from_flattened_dict(_flatten(saved))
+    config.update_from_flattened_dict(ckpt_lib.flat_config(saved))
     config.update_from_flattened_dict(dict(overrides or {}))
   ckpt_lib.check_compatible(saved, config, workdir, fix)
   return config
@@ -138,17 +138,6 @@ def evaluate_workdir(workdir: str, config=None, step: int = 0, overrides=None) -
   with open(os.path.join(workdir, name), "w") as f:
     json.dump(results, f, indent=2)
   return results
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-  """{'a': {'b': 1}} -> {'a.b': 1}; lists back to tuples (configs use tuples)."""
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
-  return out
 
 
 def main(argv):
