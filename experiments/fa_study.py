@@ -1,8 +1,9 @@
 """The feature-augmentation study (docs/feature_augmentation.md §6): the grid placement x op x
 loss family of the FA module against each family's plain method, paired by seed.
 
-A family is a plain method and its FA version (moco / moco_fa and simclr / simclr_fa:
-instance discrimination; byol / byol_fa and simsiam / simsiam_fa: instance similarity). For
+A family is a plain method and its FA version (moco / moco_fa, simclr / simclr_fa, cmc /
+cmc_fa and metaug_oucl_only / oucl_fa: instance discrimination with InfoNCE, NT-Xent and
+OUCL; byol / byol_fa and simsiam / simsiam_fa: instance similarity). For
 each family the plain method and one FA row per grid cell are trained with every seed by
 experiments/compare.py's `run_one` (a run is cached under a key of its resolved config and the
 library's code, so an interrupted study continues where it stopped), the random-init probe of
@@ -20,7 +21,7 @@ the command, with a section for the reading of hypotheses H1-H4.
       --families=simsiam --placements=projector --ops=noise,dropout --seeds=0 --out=/tmp/s.md
 
 A cell is (family, placement, op). Its side and gradient-flow policy is the first of
---policies that the FA module accepts for it (`feature_augmentation.problems`), or, with
+--policies that the FA method accepts for it (its registry check), or, with
 --all_policies, one row for each accepted policy (hypothesis H2); placements a family lacks
 (the predictor of MoCo and SimCLR) and cells no policy makes valid are listed as skipped.
 compare.py's --grid ('fa.noise_std=0.01,0.1;...') multiplies the FA rows by other FA settings
@@ -46,6 +47,8 @@ FAMILIES = {   # name: (plain method, FA method, paradigm)
     "simclr": ("simclr", "simclr_fa", "instance discrimination"),
     "byol": ("byol", "byol_fa", "instance similarity"),
     "simsiam": ("simsiam", "simsiam_fa", "instance similarity"),
+    "cmc": ("cmc", "cmc_fa", "instance discrimination"),
+    "oucl": ("metaug_oucl_only", "oucl_fa", "instance discrimination"),
 }
 # Named (side, gradient-flow policy) pairs of the FA module (docs/feature_augmentation.md §3.1).
 POLICIES = {
@@ -84,7 +87,7 @@ def base_config(method: str, seed: int, overrides: dict):
 def plan(extra: dict, sweep: list) -> tuple[list, list]:
   """(rows, skipped): rows are (family, label, method, overrides, cell) with cell a dict of
   the row's FA settings (empty for the plain method); skipped are (family, cell, reason)."""
-  from metaug_jax.augmenters import feature_augmentation as fa_lib
+  from metaug_jax.methods import registry
   rows, skipped = [], []
   for family in _FAMILIES.value:
     plain, fa_method, paradigm = FAMILIES[family]
@@ -94,9 +97,7 @@ def plan(extra: dict, sweep: list) -> tuple[list, list]:
       accepted, refusals = [], []
       for name in _POLICIES.value:
         overrides = {**extra, "fa.placement": placement, "fa.op": op, **POLICIES[name]}
-        reasons = fa_lib.problems(base_config(fa_method, 0, overrides), fa_method,
-                                  "similarity" if paradigm == "instance similarity"
-                                  else "discrimination", family in ("byol", "simsiam"))
+        reasons = registry.get(fa_method).check(base_config(fa_method, 0, overrides))
         if reasons:
           refusals.append((name, reasons[0]))
           continue

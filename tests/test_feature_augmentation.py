@@ -1,5 +1,5 @@
 """FA, the configurable feature-augmentation module (augmenters/feature_augmentation.py), and
-moco_fa, simclr_fa, byol_fa, simsiam_fa: the operators against NumPy on fixed keys, the
+moco_fa, simclr_fa, byol_fa, simsiam_fa, cmc_fa, oucl_fa: the operators against NumPy on fixed keys, the
 identity settings, the gradient-flow policies, the generator's reversed gradient, draws that do
 not depend on the device split, the encoders' projector path, every placement x op traced as a
 full step, and a few real steps: identity FA = the plain method, the policies' gradients part
@@ -276,6 +276,9 @@ def _valid(method: str, placement: str, op: str) -> dict:
 TRACED = [(m, p, o) for m, placements in (("simsiam_fa", fa_lib.PLACEMENTS),
                                           ("simclr_fa", ("backbone", "projector")))
           for p, o in itertools.product(placements, fa_lib.OPS)]
+# The bank methods: FA at the projector output (what the banks hold), no generator.
+TRACED += [(m, "projector", o) for m in ("cmc_fa", "oucl_fa") for o in fa_lib.OPS
+           if o != "learned"]
 
 
 @pytest.mark.parametrize("method,placement,op", TRACED)
@@ -291,7 +294,9 @@ def test_every_placement_and_op_traces_a_full_step(method, placement, op):
   new_state, metrics = jax.eval_shape(step, state, exp.loader.batch_at(0))
   assert jax.tree.map(lambda a: (a.shape, a.dtype), new_state) == jax.tree.map(
       lambda a: (a.shape, a.dtype), state)
-  assert {"loss", "loss_orig", "loss_fa", "projection_std_per_dim"} <= set(metrics)
+  assert {"loss_orig", "loss_fa", "fa_weight"} <= set(metrics)
+  if method not in ("cmc_fa", "oucl_fa"):
+    assert {"loss", "projection_std_per_dim"} <= set(metrics)
   assert ("augmenter" in state.params) == (op == "learned")
 
 
@@ -299,15 +304,18 @@ IDENTITY = {"fa.usage": "replace", "fa.noise_std": 0.0, "fa.dropout_rate": 0.0,
             "fa.mix_distribution": "fixed", "fa.mix_lambda": 1.0}
 
 
-@pytest.mark.parametrize("method,placement,op,side,policy", [
-    ("moco", "backbone", "noise", "both", "through"),
-    ("simclr", "projector", "dropout", "both", "through"),
-    ("byol", "backbone", "intra_mix", "both", "through")])
-def test_identity_fa_reproduces_the_plain_methods_step(method, placement, op, side, policy):
+@pytest.mark.parametrize("method,fa_method,placement,op,side,policy", [
+    ("moco", "moco_fa", "backbone", "noise", "both", "through"),
+    ("simclr", "simclr_fa", "projector", "dropout", "both", "through"),
+    ("byol", "byol_fa", "backbone", "intra_mix", "both", "through"),
+    ("cmc", "cmc_fa", "projector", "noise", "both", "through"),
+    ("metaug_oucl_only", "oucl_fa", "projector", "intra_mix", "both", "through")])
+def test_identity_fa_reproduces_the_plain_methods_step(method, fa_method, placement, op, side,
+                                                       policy):
   """sigma = 0, p = 0 or lambda = 1 with usage=replace: the plain method's loss, gradients (so
-  parameters after a step), statistics and queue; backbone copies are re-projected."""
-  config = tiny(f"{method}_fa", **IDENTITY, **{"fa.placement": placement, "fa.op": op,
-                                              "fa.side": side, "fa.grad_policy": policy})
+  parameters after a step), statistics and queue or banks; backbone copies are re-projected."""
+  config = tiny(fa_method, **IDENTITY, **{"fa.placement": placement, "fa.op": op,
+                                          "fa.side": side, "fa.grad_policy": policy})
   _, states, metrics = run(config, 1, 1)
   plain = _plain_step(method)
   step = max(1e-3, max_diff(states[0].params["encoder"], plain.params["encoder"]))
@@ -316,7 +324,8 @@ def test_identity_fa_reproduces_the_plain_methods_step(method, placement, op, si
   if plain.banks is not None:
     assert max_diff(plain.banks, states[1].banks) == 0
   m = metrics[0]
-  assert m["loss"] == pytest.approx(m["loss_orig"], rel=1e-6)
+  assert m.get("loss", m.get("loss_total")) == pytest.approx(
+      m["loss_orig"] * (2 if method == "cmc" else 1), rel=1e-6)   # CMC sums its directions
   assert m["loss_fa"] == pytest.approx(m["loss_orig"], rel=1e-6)
 
 
@@ -398,6 +407,9 @@ def test_moco_fa_with_a_generator_trains_on_four_devices_like_on_one():
     ("moco_fa", {"fa.num_copies": 5}, "config.fa.num_copies=5 must be an integer in [1, 4]"),
     ("moco_fa", {"fa.dropout_rate": 1.0}, "config.fa.dropout_rate=1.0 must be"),
     ("moco_fa", {"fa.op": "mixup"}, "config.fa.op='mixup' is not one of"),
+    ("cmc_fa", {"fa.placement": "backbone"}, "whose rows are projector outputs"),
+    ("oucl_fa", {"fa.usage": "extra_negative"}, "sampled per anchor from the banks"),
+    ("cmc_fa", {"fa.op": "learned", "fa.grad_policy": "through"}, "trains no generator"),
 ])
 def test_config_errors_are_one_line_each(method, overrides, expected):
   with pytest.raises(config_check.ConfigError) as err:
@@ -407,7 +419,7 @@ def test_config_errors_are_one_line_each(method, overrides, expected):
 
 
 def test_every_fa_methods_variant_is_valid_as_it_is():
-  for method in ("moco_fa", "simclr_fa", "byol_fa", "simsiam_fa"):
+  for method in ("moco_fa", "simclr_fa", "byol_fa", "simsiam_fa", "cmc_fa", "oucl_fa"):
     config_check.validate(tiny(method), 4)
 
 

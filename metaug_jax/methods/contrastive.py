@@ -74,8 +74,17 @@ class CMC(base.Method):
 
   uses_bank = True
 
+  def direction_loss(self, state, key, contrast: feature_aug.ContrastBatch):
+    """(mean InfoNCE, the (pos, neg) dot products it saw, metrics) of one direction's bank
+    call after `self.augmenter`."""
+    contrast, metrics = self.augment(state, key, contrast)
+    lc = self.config.loss
+    loss, scores = adapters.infonce(contrast, lc.temperature, negatives=lc.negatives,
+                                    tau_plus=lc.tau_plus, beta=lc.hard_beta)
+    return jnp.mean(loss), scores, metrics
+
   def train_step(self, state, batch):
-    cfg, lc = self.config, self.config.loss
+    cfg = self.config
     keys = common.step_keys(state, ("augment", "negatives"))
     views = common.train_views(batch["image"], keys["augment"], cfg.data)
     indices = memory_bank.draw_indices(keys["negatives"], batch["index"],
@@ -89,15 +98,16 @@ class CMC(base.Method):
       outs, stats = common.apply_encoder(self.encoder, params, state.batch_stats["encoder"],
                                          views)
       z = common.embeddings(outs)
-      per_direction, seen, enqueue, aug_metrics = [], [], {}, {}
+      per_direction, seen, enqueue, aug_metrics = [], [], {}, []
       for (x, _), contrast, key in zip(pairs, call.contrast_batches(z, z), aug_keys):
         # The anchor's own row (column 0) is the positive, the K sampled rows the negatives.
-        contrast, aug_metrics = self.augment(state, key, contrast)
-        loss, scores = adapters.infonce(contrast, lc.temperature, negatives=lc.negatives,
-                                        tau_plus=lc.tau_plus, beta=lc.hard_beta)
-        per_direction.append(jnp.mean(loss))
+        loss, scores, metrics = self.direction_loss(state, key, contrast)
+        aug_metrics.append(metrics)
+        per_direction.append(loss)
         seen.append(scores)
         enqueue[x] = contrast.to_enqueue
+      # The augmenter's metrics, averaged over the directions.
+      aug_metrics = jax.tree.map(lambda *m: sum(m) / len(m), *aug_metrics)
       return sum(per_direction), (stats, (enqueue, seen, aug_metrics))
 
     (loss, (stats, (enqueue, seen, aug_metrics))), grads = jax.value_and_grad(

@@ -1,5 +1,6 @@
-"""Feature augmentation (FA; Zhang et al., arXiv 2410.12396) on MoCo v2, SimCLR, BYOL and
-SimSiam: the methods `moco_fa`, `simclr_fa`, `byol_fa` and `simsiam_fa`
+"""Feature augmentation (FA; Zhang et al., arXiv 2410.12396) on MoCo v2, SimCLR, BYOL,
+SimSiam and the memory-bank methods: `moco_fa`, `simclr_fa`, `byol_fa`, `simsiam_fa`,
+`cmc_fa` (CMC's InfoNCE) and `oucl_fa` (MetAug's OUCL without generators)
 (docs/feature_augmentation.md §4).
 
 Each is its plain method's step with an FA term (the `fa` config section,
@@ -10,7 +11,9 @@ augmenters/feature_augmentation.py):
 L_orig is the plain method's loss, computed by the same functions; copy c is one draw of the
 FA augmenter on every contrast direction's features at `fa.placement`, carried through what
 follows the placement (the projector for backbone copies, the predictor for online copies
-of the Siamese methods) and scored by the same loss. With `usage=extra_positive`,
+of the Siamese methods) and scored by the same loss. The bank methods apply FA to each bank
+call's directions (query, own bank row, K sampled rows) at the projector output, the level the
+banks hold. With `usage=extra_positive`,
 w_orig = 1 and w_FA = `weight` (0 before `warmup_steps`); with `replace` or `extra_negative`
 the FA term is the loss (w_orig = 0, w_FA = 1) once FA is on. So an identity FA (sigma = 0,
 p = 0 or lambda = 1) with `replace` reproduces the plain method's loss and gradients (tested).
@@ -28,7 +31,8 @@ import optax
 from metaug_jax import ema, feature_aug, losses, parallel, queue
 from metaug_jax.augmenters import feature_augmentation as fa_lib
 from metaug_jax.augmenters import score_stats
-from metaug_jax.methods import common, contrastive, moco, registry, siamese
+from metaug_jax.losses import adapters
+from metaug_jax.methods import common, contrastive, metaug, moco, registry, siamese
 from metaug_jax.methods import byol as byol_lib
 from metaug_jax.methods import simsiam as simsiam_lib
 from metaug_jax.models import encoders
@@ -559,3 +563,101 @@ class SimSiamFA(SiameseFA, simsiam_lib.SimSiam):
   def finish(self, state, params, stats, opt, target_stats, aux):
     return state.replace(step=state.step + 1, params=params, batch_stats=stats,
                          opt_state=opt), {}
+
+
+# ---- memory banks: CMC's InfoNCE and MetAug's OUCL -------------------------------------------
+
+
+def bank_problems(config, method: str) -> list:
+  """What the bank methods add to the FA module's rules: their negatives are per-anchor bank
+  rows of projector outputs, and their steps train no generator beside the encoders."""
+  c, out = config.fa, []
+  if c.placement != "projector":
+    out.append(f"config.fa.placement={c.placement!r}: {method} applies FA to its bank calls, "
+               f"whose rows are projector outputs: pass --config.fa.placement=projector.")
+  if c.usage == "extra_negative":
+    out.append(f"config.fa.usage='extra_negative' copies negatives shared by the anchors (a "
+               f"queue, the batch); {method}'s are sampled per anchor from the banks: pass "
+               f"--config.fa.usage=extra_positive or replace (or use moco_fa / simclr_fa).")
+  if c.op == "learned":
+    out.append(f"config.fa.op='learned': {method} trains no generator; MetAug's generators are "
+               f"learned feature augmenters on these banks (--config.method=metaug), or pass "
+               f"another --config.fa.op.")
+  return out
+
+
+def _bank_check(name: str, method_check=None):
+  def check(config) -> list:
+    own = method_check(config) if method_check else []
+    return own + bank_problems(config, name) + fa_lib.problems(config, name, "discrimination",
+                                                               False)
+  return check
+
+
+class BankFAMixin(FAMixin):
+  """The FA term on one bank call: L = w_orig L(call) + w_FA mean_c L(copy c of the call),
+  every direction of the call copied by one draw; rows the augmenter did not replace are the
+  call's own (banks carry no gradient), and the banks receive the original embeddings."""
+
+  def bank_fa_loss(self, step, key, batches: tuple, loss_of) -> tuple:
+    """(weighted loss, loss_of's aux for the original call, metrics).
+
+    Args:
+      step: the step (FA weights and warm-up).
+      key: this call's augmenter key.
+      batches: the call's ContrastBatch per direction.
+      loss_of: batches -> (scalar loss, aux).
+    """
+    w_orig, w_fa = self.fa_weights(step)
+    loss_orig, aux = loss_of(batches)
+
+    def tail(copies):
+      return [c.replace(positive=self.target_copy(c.positive)) for c in copies]
+
+    def copy_loss(seen, _):
+      metrics = score_stats.before_after(batches[0], seen[0]) if self.fa.score_stats else {}
+      return loss_of(tuple(seen))[0], metrics
+
+    loss_fa, metrics = self.fa_term({}, key, step, list(batches), tail, copy_loss)
+    metrics = {**metrics, "loss_orig": loss_orig, "loss_fa": loss_fa, "fa_weight": w_fa}
+    return w_orig * loss_orig + w_fa * loss_fa, aux, metrics
+
+
+@registry.register(
+    "cmc_fa", summary="CMC + feature augmentation on each bank call (the configurable FA "
+    "module, `fa.*`, at the projector output)", section="fa", defaults=fa_lib.defaults,
+    ranges=fa_lib.RANGES, check=_bank_check("cmc_fa"))
+class CMCFA(BankFAMixin, contrastive.CMC):
+  """CMC whose per-direction InfoNCE gets the FA term (loss_orig / loss_fa in the metrics are
+  those of the last direction)."""
+
+  def direction_loss(self, state, key, contrast):
+    lc = self.config.loss
+
+    def loss_of(batches):
+      loss, scores = adapters.infonce(batches[0], lc.temperature, negatives=lc.negatives,
+                                      tau_plus=lc.tau_plus, beta=lc.hard_beta)
+      return jnp.mean(loss), scores
+
+    return self.bank_fa_loss(state.step, key, (contrast,), loss_of)
+
+
+@registry.register(
+    "oucl_fa", summary="MetAug's OUCL (no generators) + feature augmentation on each bank call "
+    "(the configurable FA module, `fa.*`, at the projector output)", section="fa",
+    defaults=fa_lib.defaults, ranges=fa_lib.RANGES,
+    check=_bank_check("oucl_fa", metaug.margin_check))
+class OUCLFA(BankFAMixin, metaug.MetAug):
+  """MetAug's only-OUCL encoders and banks whose OUCL gets the FA term: the hand-designed
+  feature augmentations of the FA module in the place of MetAug's learned generators."""
+
+  with_generators = False
+
+  def call_result(self, call, batches, key, step):
+    def loss_of(seen):
+      result = adapters.oucl(seen, scorer=call.scorer, score_range=self.score_range,
+                             **self.oucl_options())
+      return jnp.mean(result.loss), result
+
+    loss, result, metrics = self.bank_fa_loss(step, key, tuple(batches), loss_of)
+    return result._replace(loss=loss), metrics

@@ -89,12 +89,13 @@ class MetAug(base.Method):
   """Three-view (or V-view) CMC backbone with MAGs, margin-injected regulariser and OUCL."""
 
   uses_bank = True
+  with_generators = True   # False: OUCL without MAGs whatever the method name (oucl_fa)
   # What OUCL does with d outside [0, 1], "keep" or "clip" (only a bank augmenter can cause it).
   score_range = "keep"
 
   def __init__(self, config, facts):
     super().__init__(config, facts)
-    self.use_mag = config.method != "metaug_oucl_only"
+    self.use_mag = self.with_generators and config.method != "metaug_oucl_only"
     if self.use_mag:
       self.generators = meta_generators.MetaFeatureGenerators(config, self.num_views)
       self.generator_tx = self.generators.optimizer()
@@ -183,6 +184,12 @@ class MetAug(base.Method):
     averaged = {name: jnp.mean(jnp.stack([m[name] for m in metrics])) for name in metrics[0]}
     return tuple(out), averaged
 
+  def call_result(self, call: memory_bank.BankCall, batches, key, step):
+    """(OUCL of one bank call's directions after `self.augmenter`, the augmenter's metrics)."""
+    batches, metrics = self.augment_call(batches, key, step)
+    return adapters.oucl(batches, scorer=call.scorer, score_range=self.score_range,
+                         **self.oucl_options()), metrics
+
   def total_loss(self, views, banks, inputs: StepInputs, phase: str):
     """L_total = O(S0) + l_aug [sum_v O(S_v) + O(S_all)] + l_mi R (docs/metaug.md §4.2).
 
@@ -201,10 +208,9 @@ class MetAug(base.Method):
     for c, (queries, indices, key) in enumerate(zip(
         self.call_queries(views), inputs.indices(phase), inputs.augmenter_keys(phase))):
       call = memory_bank.BankCall(banks, indices)
-      batches, augmenter_metrics = self.augment_call(
-          call.contrast_batches(queries, originals), key, inputs.step)
-      results.append(adapters.oucl(batches, scorer=call.scorer, score_range=self.score_range,
-                                   **self.oucl_options()))
+      result, augmenter_metrics = self.call_result(
+          call, call.contrast_batches(queries, originals), key, inputs.step)
+      results.append(result)
       if c == 0:
         metrics.update(augmenter_metrics)
         if self.code_exact_banks:
