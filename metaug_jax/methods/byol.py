@@ -48,6 +48,17 @@ class BYOL(siamese.TwoViewMethod):
   def _init_extra(self, state, key, variables, sample_views):
     return self.copy_of_encoder(self._init_predictor(state, key), "target")
 
+  def advance(self, state, params, stats, opt, target_stats):
+    """(the state after the online update `params`/`stats`/`opt`, with the target network
+    moved towards the new online encoder by the cosine-scheduled EMA; that decay)."""
+    decay = ema.byol_decay(state.step, self.total_steps, self.config.byol.base_decay)
+    new_state = state.replace(
+        step=state.step + 1,
+        params={**params, "target": ema.ema_update(state.params["target"], params["encoder"],
+                                                   decay)},
+        batch_stats={**stats, "target": target_stats}, opt_state=opt)
+    return new_state, decay
+
   def train_step(self, state, batch):
     views = self.views(state, batch)
     target_outs, target_stats = common.apply_encoder(self.encoder, state.params["target"],
@@ -68,12 +79,7 @@ class BYOL(siamese.TwoViewMethod):
       return loss, (enc_stats, pred_stats, p1)
 
     (params, stats, opt), loss, p1, metrics = self._online_step(state, loss_fn)
-    decay = ema.byol_decay(state.step, self.total_steps, self.config.byol.base_decay)
-    new_state = state.replace(
-        step=state.step + 1,
-        params={**params, "target": ema.ema_update(state.params["target"], params["encoder"],
-                                                   decay)},
-        batch_stats={**stats, "target": target_stats}, opt_state=opt)
+    new_state, decay = self.advance(state, params, stats, opt, target_stats)
     cos = jnp.sum(l2_normalize(p1) * l2_normalize(targets[1]), axis=-1)
     metrics.update(target_decay=decay, pos_mean=jnp.mean(cos), pos_std=jnp.std(cos))
     return new_state, parallel.pmean(metrics)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metaug_jax import ema, feature_aug, losses, parallel, queue
+from metaug_jax import feature_aug, losses, parallel, queue
 from metaug_jax.augmenters import feature_augmentation as fa_lib
 from metaug_jax.augmenters import score_stats
 from metaug_jax.losses import adapters
@@ -148,6 +148,23 @@ class FAMixin:
              for r, n in enumerate(order)}
     return [parts[n] for n in range(len(features))]
 
+  def discrimination_tail(self, copies: list, originals: list, pairs, online, target) -> list:
+    """What an InfoNCE / NT-Xent term sees of the copies (per direction (i, j) of `pairs`):
+    projector copies as they are, the target copy as `target_copy` says; backbone copies
+    re-projected, anchors by the `online` (params, batch stats) and positives by the `target`
+    ones, in place of the originals' embeddings."""
+    if self.fa.placement != "backbone":
+      return [c.replace(positive=self.target_copy(c.positive)) for c in copies]
+    seen = list(originals)
+    if self.fa.side in ("online", "both"):
+      emb = self.reproject(*online, [c.anchor for c in copies], [i for i, _ in pairs])
+      seen = [s.replace(anchor=e["embedding"]) for s, e in zip(seen, emb)]
+    if self.fa.side in ("target", "both"):
+      emb = self.reproject(*target, [c.positive[:, 0] for c in copies], [j for _, j in pairs])
+      seen = [s.replace(positive=self.target_copy(e["embedding"])[:, None])
+              for s, e in zip(seen, emb)]
+    return seen
+
   def target_copy(self, x: jax.Array) -> jax.Array:
     """A target-side copy as the loss sees it: a stop-gradient target under detach_output
     (after whatever followed the placement)."""
@@ -199,11 +216,8 @@ class MoCoFA(FAMixin, moco.MoCo):
   def train_step(self, state, batch):
     mc, fc = self.config.moco, self.fa
     views = self.views(state, batch)
-    key_params = ema.momentum_update(state.params["key_encoder"], state.params["encoder"],
-                                     mc.momentum)
-    key_outs, key_stats = common.apply_encoder(self.encoder, key_params,
-                                               state.batch_stats["key_encoder"], views)
-    k = [jax.lax.stop_gradient(e) for e in common.embeddings(key_outs)]
+    key_params, key_outs, key_stats = self.key_forward(state, views)
+    k = common.embeddings(key_outs)
     pairs = DIRECTIONS if mc.symmetric else DIRECTIONS[:1]
     queue_keys = jax.lax.stop_gradient(state.banks.keys)
     w_orig, w_fa = self.fa_weights(state.step)
@@ -219,25 +233,14 @@ class MoCoFA(FAMixin, moco.MoCo):
       loss_orig = sum(jnp.mean(t[0]) for t in terms) / len(terms)
       if fc.placement == "backbone":
         placed = [feature_aug.ContrastBatch(
-            anchor=outs[i]["conv"], positive=jax.lax.stop_gradient(key_outs[j]["conv"])[:, None],
-            unit_norm=False) for i, j in pairs]
+            anchor=outs[i]["conv"], positive=key_outs[j]["conv"][:, None], unit_norm=False) for i, j in pairs]
       else:
         placed = originals
 
       def tail(copies):
-        if fc.placement != "backbone":
-          return [c.replace(positive=self.target_copy(c.positive)) for c in copies]
-        seen = list(originals)
-        if fc.side in ("online", "both"):
-          emb = self.reproject(trainable["encoder"], state.batch_stats["encoder"],
-                               [c.anchor for c in copies], [i for i, _ in pairs])
-          seen = [s.replace(anchor=e["embedding"]) for s, e in zip(seen, emb)]
-        if fc.side in ("target", "both"):
-          emb = self.reproject(key_params, state.batch_stats["key_encoder"],
-                               [c.positive[:, 0] for c in copies], [j for _, j in pairs])
-          seen = [s.replace(positive=self.target_copy(e["embedding"])[:, None])
-                  for s, e in zip(seen, emb)]
-        return seen
+        return self.discrimination_tail(
+            copies, originals, pairs, (trainable["encoder"], state.batch_stats["encoder"]),
+            (key_params, state.batch_stats["key_encoder"]))
 
       def copy_loss(seen, _):
         copy_terms = [self._infonce(b) for b in seen]
@@ -325,19 +328,8 @@ class SimCLRFA(FAMixin, contrastive.SimCLR):
         placed = originals
 
       def tail(copies):
-        if fc.placement != "backbone":
-          return [c.replace(positive=self.target_copy(c.positive)) for c in copies]
-        seen = list(originals)
-        if fc.side in ("online", "both"):
-          emb = self.reproject(trainable["encoder"], state.batch_stats["encoder"],
-                               [c.anchor for c in copies], [i for i, _ in DIRECTIONS])
-          seen = [s.replace(anchor=e["embedding"]) for s, e in zip(seen, emb)]
-        if fc.side in ("target", "both"):
-          emb = self.reproject(trainable["encoder"], state.batch_stats["encoder"],
-                               [c.positive[:, 0] for c in copies], [j for _, j in DIRECTIONS])
-          seen = [s.replace(positive=self.target_copy(e["embedding"])[:, None])
-                  for s, e in zip(seen, emb)]
-        return seen
+        online = (trainable["encoder"], state.batch_stats["encoder"])
+        return self.discrimination_tail(copies, originals, DIRECTIONS, online, online)
 
       def plain_scores(seen):
         anchors = jnp.concatenate([s.anchor for s in seen])
@@ -535,12 +527,7 @@ class BYOLFA(SiameseFA, byol_lib.BYOL):
 
   def finish(self, state, params, stats, opt, target_stats, aux):
     _, p, t, *_ = aux
-    decay = ema.byol_decay(state.step, self.total_steps, self.config.byol.base_decay)
-    new_state = state.replace(
-        step=state.step + 1,
-        params={**params, "target": ema.ema_update(state.params["target"], params["encoder"],
-                                                   decay)},
-        batch_stats={**stats, "target": target_stats}, opt_state=opt)
+    new_state, decay = self.advance(state, params, stats, opt, target_stats)
     cos = _cosine(p[0], t[1])
     return new_state, {"target_decay": decay, "pos_mean": jnp.mean(cos), "pos_std": jnp.std(cos)}
 

@@ -145,32 +145,34 @@ def _paper_heads(config, projector_layers: int) -> None:
   config.optim.momentum = 0.9
 
 
+def _recipe(config, *, projector_layers: int, backbone: str, input_size: int, batch: int,
+            epochs: int, lr_per_256: float, weight_decay: float) -> None:
+  """The paper's heads, backbone, input size and optimiser; lr = lr_per_256 B / 256 and the
+  step decays at 60 % and 80 % of the epochs in place of the cosine."""
+  _paper_heads(config, projector_layers=projector_layers)
+  config.hai.backbone = backbone
+  config.data.input_size = input_size
+  config.batch_size = batch
+  config.num_epochs = epochs
+  config.optim.lr = lr_per_256 * batch / 256
+  config.optim.weight_decay = weight_decay
+  config.optim.lr_decay_epochs = (epochs * 6 // 10, epochs * 8 // 10)
+
+
 def _cifar_recipe(config) -> None:
   """32 px, CIFAR ResNet-18, 2-layer projector; batch 512, lr 0.03 B/256, wd 5e-4, 800
-  epochs (SimSiam's CIFAR recipe); step decay at 60% and 80% in place of the cosine."""
-  _paper_heads(config, projector_layers=2)
-  config.hai.backbone = config.model.encoder = "resnet18"
-  config.data.input_size = 32
-  config.batch_size = 512
-  config.num_epochs = 800
-  config.optim.lr = 0.03 * config.batch_size / 256
-  config.optim.weight_decay = 5e-4
-  config.optim.lr_decay_epochs = (480, 640)
+  epochs (SimSiam's CIFAR recipe)."""
+  _recipe(config, projector_layers=2, backbone="resnet18", input_size=32, batch=512,
+          epochs=800, lr_per_256=0.03, weight_decay=5e-4)
+  config.model.encoder = "resnet18"
 
 
 def _imagenet_recipe(config) -> None:
   """224 px, ResNet-50, 3-layer projector; batch 256, lr 0.05 B/256, wd 1e-4, 200 epochs
-  (zhangjb416/Hierarchical-Augmentation, main_train.py); step decay at 60% and 80% in place
-  of the cosine."""
-  _paper_heads(config, projector_layers=3)
-  config.hai.backbone = "resnet50"
+  (zhangjb416/Hierarchical-Augmentation, main_train.py)."""
+  _recipe(config, projector_layers=3, backbone="resnet50", input_size=224, batch=256,
+          epochs=200, lr_per_256=0.05, weight_decay=1e-4)
   config.model.encoder = "resnet18"   # unused by these methods (hai.backbone decides)
-  config.data.input_size = 224
-  config.batch_size = 256
-  config.num_epochs = 200
-  config.optim.lr = 0.05 * config.batch_size / 256
-  config.optim.weight_decay = 1e-4
-  config.optim.lr_decay_epochs = (120, 160)
 
 
 class HierarchicalMethod(base.Method):

@@ -73,14 +73,19 @@ class MoCo(siamese.TwoViewMethod):
     return adapters.infonce(batch, self.config.moco.temperature, negatives=lc.negatives,
                             tau_plus=lc.tau_plus, beta=lc.hard_beta)
 
+  def key_forward(self, state, views):
+    """(key encoder params, its outputs without gradient, its batch stats): the momentum
+    update from the current query encoder, then the keys (as MoCo's code does)."""
+    key_params = ema.momentum_update(state.params["key_encoder"], state.params["encoder"],
+                                     self.config.moco.momentum)
+    key_outs, key_stats = common.apply_encoder(self.encoder, key_params,
+                                               state.batch_stats["key_encoder"], views)
+    return key_params, jax.tree.map(jax.lax.stop_gradient, key_outs), key_stats
+
   def train_step(self, state, batch):
     mc = self.config.moco
     views = self.views(state, batch)
-    # Momentum update from the current query encoder, then the keys (as MoCo's code does).
-    key_params = ema.momentum_update(state.params["key_encoder"], state.params["encoder"],
-                                     mc.momentum)
-    key_outs, key_stats = common.apply_encoder(self.encoder, key_params,
-                                               state.batch_stats["key_encoder"], views)
+    key_params, key_outs, key_stats = self.key_forward(state, views)
     k = [jax.lax.stop_gradient(e) for e in common.embeddings(key_outs)]
     pairs = ((0, 1), (1, 0)) if mc.symmetric else ((0, 1),)
     aug_keys = jax.random.split(common.augmenter_key(state), len(pairs))
