@@ -325,7 +325,8 @@ def paper_table(rows: list, dataset: str) -> str:
   head = ["row", *sets] + ([f"ours on {dataset}"] if dataset in sets else [])
   first = {}
   for row in rows:                  # one line per row label (a grid repeats them)
-    first.setdefault(row["label"], row)
+    if row["paper"] or dataset in sets:   # elsewhere a row without numbers would be empty
+      first.setdefault(row["label"], row)
   body = [[label, *(_paper_cell(row["paper"] or {}, d) for d in sets)]
           + ([ours_cell(row["runs"])] if dataset in sets else []) for label, row in first.items()]
   return tables.markdown_table(

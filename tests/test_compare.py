@@ -190,6 +190,11 @@ def test_other_papers_rows_are_a_second_reference_table():
       "| row | tiny_imagenet | stl10 | cifar10 | cifar100 | ours on cifar10 |",
       "|---|---|---|---|---|---|", "| moco | | | 76.37 / 79.30 | | 81.00 / 83.00 |"]
   assert compare.other_papers_table([dict(rows[0], method="cmc")], "digits") == ""
+  # Off Table 1's data sets a row without Table 1 numbers (e.g. simsiam_hai) gets no line.
+  mixed = [dict(rows[0], paper={"cifar10": (76.37, 79.30)}),
+           dict(rows[0], label="simsiam_hai", paper=None)]
+  assert compare.paper_table(mixed, "digits").splitlines()[4:] == [
+      "| moco | | | 76.37 / 79.30 | |"]
 
 
 def _write(path, result):
