@@ -74,14 +74,19 @@ class CMC(base.Method):
 
   uses_bank = True
 
+  def infonce(self, contrast: feature_aug.ContrastBatch):
+    """(mean InfoNCE of one direction, the (pos, neg) dot products it saw), `loss.*`'s
+    estimator."""
+    lc = self.config.loss
+    loss, scores = adapters.infonce(contrast, lc.temperature, negatives=lc.negatives,
+                                    tau_plus=lc.tau_plus, beta=lc.hard_beta)
+    return jnp.mean(loss), scores
+
   def direction_loss(self, state, key, contrast: feature_aug.ContrastBatch):
     """(mean InfoNCE, the (pos, neg) dot products it saw, metrics) of one direction's bank
     call after `self.augmenter`."""
     contrast, metrics = self.augment(state, key, contrast)
-    lc = self.config.loss
-    loss, scores = adapters.infonce(contrast, lc.temperature, negatives=lc.negatives,
-                                    tau_plus=lc.tau_plus, beta=lc.hard_beta)
-    return jnp.mean(loss), scores, metrics
+    return (*self.infonce(contrast), metrics)
 
   def train_step(self, state, batch):
     cfg = self.config

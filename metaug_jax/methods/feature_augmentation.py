@@ -31,7 +31,6 @@ import optax
 from metaug_jax import feature_aug, losses, parallel, queue
 from metaug_jax.augmenters import feature_augmentation as fa_lib
 from metaug_jax.augmenters import score_stats
-from metaug_jax.losses import adapters
 from metaug_jax.methods import common, contrastive, metaug, moco, registry, siamese
 from metaug_jax.methods import byol as byol_lib
 from metaug_jax.methods import simsiam as simsiam_lib
@@ -154,7 +153,7 @@ class FAMixin:
     re-projected, anchors by the `online` (params, batch stats) and positives by the `target`
     ones, in place of the originals' embeddings."""
     if self.fa.placement != "backbone":
-      return [c.replace(positive=self.target_copy(c.positive)) for c in copies]
+      return self.projector_tail(copies)
     seen = list(originals)
     if self.fa.side in ("online", "both"):
       emb = self.reproject(*online, [c.anchor for c in copies], [i for i, _ in pairs])
@@ -164,6 +163,11 @@ class FAMixin:
       seen = [s.replace(positive=self.target_copy(e["embedding"])[:, None])
               for s, e in zip(seen, emb)]
     return seen
+
+  def projector_tail(self, copies: list) -> list:
+    """Copies made at the projector output, as the loss sees them: nothing follows the
+    placement, the positive is a target copy (`target_copy`)."""
+    return [c.replace(positive=self.target_copy(c.positive)) for c in copies]
 
   def target_copy(self, x: jax.Array) -> jax.Array:
     """A target-side copy as the loss sees it: a stop-gradient target under detach_output
@@ -598,14 +602,12 @@ class BankFAMixin(FAMixin):
     w_orig, w_fa = self.fa_weights(step)
     loss_orig, aux = loss_of(batches)
 
-    def tail(copies):
-      return [c.replace(positive=self.target_copy(c.positive)) for c in copies]
-
     def copy_loss(seen, _):
       metrics = score_stats.before_after(batches[0], seen[0]) if self.fa.score_stats else {}
       return loss_of(tuple(seen))[0], metrics
 
-    loss_fa, metrics = self.fa_term({}, key, step, list(batches), tail, copy_loss)
+    loss_fa, metrics = self.fa_term({}, key, step, list(batches), self.projector_tail,
+                                    copy_loss)
     metrics = {**metrics, "loss_orig": loss_orig, "loss_fa": loss_fa, "fa_weight": w_fa}
     return w_orig * loss_orig + w_fa * loss_fa, aux, metrics
 
@@ -616,17 +618,11 @@ class BankFAMixin(FAMixin):
     ranges=fa_lib.RANGES, check=_bank_check("cmc_fa"))
 class CMCFA(BankFAMixin, contrastive.CMC):
   """CMC whose per-direction InfoNCE gets the FA term (loss_orig / loss_fa in the metrics are
-  those of the last direction)."""
+  averaged over the directions, as CMC averages its augmenter's metrics)."""
 
   def direction_loss(self, state, key, contrast):
-    lc = self.config.loss
-
-    def loss_of(batches):
-      loss, scores = adapters.infonce(batches[0], lc.temperature, negatives=lc.negatives,
-                                      tau_plus=lc.tau_plus, beta=lc.hard_beta)
-      return jnp.mean(loss), scores
-
-    return self.bank_fa_loss(state.step, key, (contrast,), loss_of)
+    return self.bank_fa_loss(state.step, key, (contrast,),
+                             lambda batches: self.infonce(batches[0]))
 
 
 @registry.register(
@@ -642,8 +638,7 @@ class OUCLFA(BankFAMixin, metaug.MetAug):
 
   def call_result(self, call, batches, key, step):
     def loss_of(seen):
-      result = adapters.oucl(seen, scorer=call.scorer, score_range=self.score_range,
-                             **self.oucl_options())
+      result = self.oucl(call, seen)
       return jnp.mean(result.loss), result
 
     loss, result, metrics = self.bank_fa_loss(step, key, tuple(batches), loss_of)

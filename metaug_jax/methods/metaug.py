@@ -184,11 +184,15 @@ class MetAug(base.Method):
     averaged = {name: jnp.mean(jnp.stack([m[name] for m in metrics])) for name in metrics[0]}
     return tuple(out), averaged
 
+  def oucl(self, call: memory_bank.BankCall, batches) -> adapters.OuclResult:
+    """OUCL of one bank call's directions as they are, with this method's options."""
+    return adapters.oucl(batches, scorer=call.scorer, score_range=self.score_range,
+                         **self.oucl_options())
+
   def call_result(self, call: memory_bank.BankCall, batches, key, step):
     """(OUCL of one bank call's directions after `self.augmenter`, the augmenter's metrics)."""
     batches, metrics = self.augment_call(batches, key, step)
-    return adapters.oucl(batches, scorer=call.scorer, score_range=self.score_range,
-                         **self.oucl_options()), metrics
+    return self.oucl(call, batches), metrics
 
   def total_loss(self, views, banks, inputs: StepInputs, phase: str):
     """L_total = O(S0) + l_aug [sum_v O(S_v) + O(S_all)] + l_mi R (docs/metaug.md §4.2).
