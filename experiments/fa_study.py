@@ -116,14 +116,32 @@ def plan(extra: dict, sweep: list) -> tuple[list, list]:
   return rows, skipped
 
 
-def _mean_std(values: list) -> str:
+def _mean_std(values: list, digits: int = 2) -> str:
   import numpy as np
   values = [v for v in values if v is not None]
   if not values:
     return "–"
   if len(values) == 1:
-    return f"{values[0]:.2f}"
-  return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+    return f"{values[0]:.{digits}f}"
+  return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def final_monitors(workdir: str) -> dict:
+  """The run's monitors at its last logged training step: `copy_cosine`, the FA copies'
+  cosine to their originals (mean over the `fa_copy_cosine_*` names: H1), and `z_std`, the
+  collapse monitor `projection_std_per_dim` (H2); None where the run does not log one."""
+  import json
+  last = {}
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        row = json.loads(line)
+        if "loss" in row:   # a training step's row
+          last.update(row)
+  cosines = [v for k, v in last.items() if k.startswith("fa_copy_cosine_")]
+  return {"copy_cosine": sum(cosines) / len(cosines) if cosines else None,
+          "z_std": last.get("projection_std_per_dim")}
 
 
 def _test_cell(test: dict) -> str:
@@ -142,14 +160,15 @@ def family_table(family: str, rows: list, floors: list, sweep_keys: list) -> str
             if any(lvl in r["probe"].get("linear", {}) for _, runs in rows for r in runs)]
   plain_runs = rows[0][1]
   head = ["row", "placement", "op", "policy", *sweep_keys,
-          *(f"{lvl} acc" for lvl in levels), *(f"{lvl} vs plain" for lvl in levels), "s / step"]
+          *(f"{lvl} acc" for lvl in levels), *(f"{lvl} vs plain" for lvl in levels),
+          "copy cosine", "z std", "s / step"]
   lines = [f"### {family} ({FAMILIES[family][2]}): {FAMILIES[family][0]} vs "
            f"{FAMILIES[family][1]}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   blank = ["–"] * (3 + len(sweep_keys))
   lines.append("| random-init floor | " + " | ".join(blank) + " | " +
                " | ".join(_mean_std(accuracies(floors, "linear", lvl)) for lvl in levels) +
                " | " +
-               " | ".join("–" for _ in levels) + " | – |")
+               " | ".join("–" for _ in levels) + " | – | – | – |")
   for row, runs in rows:
     cell = row[4]
     cells = [row[1], *(str(cell.get(k, "–")) for k in ("placement", "op", "policy")),
@@ -160,6 +179,8 @@ def family_table(family: str, rows: list, floors: list, sweep_keys: list) -> str
               _test_cell(paired_test(accuracies(runs, "linear", lvl),
                                      accuracies(plain_runs, "linear", lvl)))
               for lvl in levels]
+    cells += [_mean_std([r.get("monitors", {}).get(m) for r in runs], 3)
+              for m in ("copy_cosine", "z_std")]
     cells.append(f"{sum(r['seconds_per_step'] for r in runs) / len(runs):.3f}")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -225,7 +246,8 @@ def main(argv):
       tag = "_".join([label, *(f"{k.split('.')[-1]}{v}" for k, v in overrides.items()
                                if k not in extra), f"seed{seed}"])
       print(f"== {tag} ({key})", flush=True)
-      runs.append(compare.run_one(config, os.path.join(workdir, f"{tag}-{key}")))
+      run_dir = os.path.join(workdir, f"{tag}-{key}")
+      runs.append({**compare.run_one(config, run_dir), "monitors": final_monitors(run_dir)})
     results.append(runs)
   for family in _FAMILIES.value:
     plain = FAMILIES[family][0]
@@ -248,7 +270,10 @@ def main(argv):
           f"the mean per-seed difference to the family's plain method in points (two-sided "
           f"paired t-test p-value, seeds where the FA row is ahead / seeds); the floor is the "
           f"probe of the random-init encoder; s / step the median step time after "
-          f"compilation. FA settings not in the table are the `fa` defaults "
+          f"compilation; 'copy cosine' the FA copies' mean cosine to their originals "
+          f"and 'z std' the collapse monitor (per-dimension std of the l2-normalised projection, "
+          f"about 1/sqrt(dim) when healthy, 0 when collapsed), both at the last logged training "
+          f"step, mean ± std over seeds. FA settings not in the table are the `fa` defaults "
           f"(docs/feature_augmentation.md §3.1){everywhere}."
           f"\n\n{tables}\n\nSkipped cells:\n\n{skipped_text}\n\n{READING}\n{footer}\n")
   print("\n" + text)

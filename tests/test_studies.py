@@ -30,6 +30,10 @@ def test_fa_study_writes_each_family_table_with_the_paired_tests(tmp_path):
   rows = [l for l in text.splitlines() if l.startswith("| simsiam")]
   assert [r.split(" | ")[0] for r in rows] == ["| simsiam", "| simsiam_fa", "| simsiam_fa"]
   assert "(p=" in rows[1] and "| random-init floor |" in text and "Command:" in text
+  # copy cosine and z std: the plain row logs the collapse monitor only, FA rows both.
+  copy_cosine, z_std = (rows[0].split(" | ")[-3], rows[0].split(" | ")[-2])
+  assert copy_cosine == "–" and 0 < float(z_std.split(" ± ")[0]) < 1
+  assert all(0 < float(r.split(" | ")[-3].split(" ± ")[0]) <= 1 for r in rows[1:])
 
 
 @pytest.mark.slow  # trains six tiny runs, two of them MetAug
