@@ -87,14 +87,16 @@ def _rows(names: list) -> list:
 
 
 def _parse_grid(text: str) -> list:
-  """'a=1,2;b=x' -> [{'a': 1, 'b': 'x'}, {'a': 2, 'b': 'x'}] with literal values."""
-  from metaug_jax.config_base import parse_literal  # after the __main__ sys.path set-up
+  """'a=1,2;b=x' -> [{'a': 1, 'b': 'x'}, {'a': 2, 'b': 'x'}] with literal values (a tuple
+  value is bracketed: 'data.crop_scale=(0.2,1.0),(0.8,1.0)')."""
+  # after the __main__ sys.path set-up
+  from metaug_jax.config_base import parse_literal, split_top_level
   if not text:
     return [{}]
   axes = []
   for part in filter(None, text.split(";")):
     name, values = part.split("=", 1)
-    axes.append([(name.strip(), parse_literal(v)) for v in values.split(",")])
+    axes.append([(name.strip(), parse_literal(v)) for v in split_top_level(values)])
   return [dict(combo) for combo in itertools.product(*axes)]
 
 

@@ -20,13 +20,36 @@ BANK_INITS = ("random", "encoder")  # bank.init (docs/contrastive_baselines.md Â
 
 
 def parse_literal(text: str):
-  """'3' -> 3, '1e-3' -> 0.001, 'True' -> True, else the string: values of field=value overrides."""
+  """'3' -> 3, '1e-3' -> 0.001, 'True' -> True, '(0.8,1.0)' -> (0.8, 1.0), else the string:
+  values of field=value overrides (a tuple or list field, e.g. data.crop_scale, takes a
+  bracketed literal)."""
+  import ast
+  text = text.strip()
   for cast in (int, float):
     try:
       return cast(text)
     except ValueError:
       pass
+  if text and text[0] in "([" and text[-1] in ")]":
+    try:
+      return ast.literal_eval(text)
+    except (ValueError, SyntaxError) as e:
+      raise ValueError(f"{text!r} looks like a tuple or list but is not a literal one: {e}") from e
   return {"True": True, "False": False}.get(text, text)
+
+
+def split_top_level(text: str, sep: str = ",") -> list:
+  """'a,(1,2),b' -> ['a', '(1,2)', 'b']: `text` split at the `sep` outside brackets."""
+  parts, depth, start = [], 0, 0
+  for i, char in enumerate(text):
+    if char in "([":
+      depth += 1
+    elif char in ")]":
+      depth -= 1
+    if char == sep and depth == 0:
+      parts.append(text[start:i])
+      start = i + 1
+  return parts + [text[start:]]
 
 
 def get_base_config() -> ml_collections.ConfigDict:

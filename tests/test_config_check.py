@@ -236,3 +236,19 @@ def test_build_experiment_prints_the_decay_warning_once(capsys):
   train.build_experiment(c)
   lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning: ")]
   assert len(lines) == 1 and "(30,35)" in lines[0], lines
+
+
+def test_override_values_parse_numbers_booleans_and_bracketed_tuples():
+  from metaug_jax.config_base import parse_literal, split_top_level
+  assert parse_literal("3") == 3 and parse_literal("1e-3") == 0.001
+  assert parse_literal("True") is True and parse_literal("moco") == "moco"
+  assert parse_literal("(0.8,1.0)") == (0.8, 1.0) and parse_literal("[1, 2]") == [1, 2]
+  assert parse_literal("") == ""
+  with pytest.raises(ValueError, match="not a literal"):
+    parse_literal("(a,b)")
+  # compare.py's --grid values: a tuple's commas do not split it.
+  assert split_top_level("(0.2,1.0),(0.8,1.0)") == ["(0.2,1.0)", "(0.8,1.0)"]
+  assert split_top_level("0.1,0.3") == ["0.1", "0.3"]
+  config = config_base.get_base_config()
+  config.update_from_flattened_dict({"data.crop_scale": parse_literal("(0.8,1.0)")})
+  assert config.data.crop_scale == (0.8, 1.0)
