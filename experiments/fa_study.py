@@ -126,6 +126,14 @@ def _mean_std(values: list, digits: int = 2) -> str:
   return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
+def _finished_run(workdir: str, key: str):
+  """A finished run of the same resolved config and code under another row's name (a grid
+  value equal to the default, e.g. fa.usage=extra_positive), else None."""
+  import glob
+  done = sorted(glob.glob(os.path.join(glob.escape(workdir), f"*-{key}", "compare_result.json")))
+  return os.path.dirname(done[0]) if done else None
+
+
 def final_monitors(workdir: str) -> dict:
   """The run's monitors at its last logged training step: `copy_cosine`, the FA copies'
   cosine to their originals (mean over the `fa_copy_cosine_*` names: H1), and `z_std`, the
@@ -246,7 +254,7 @@ def main(argv):
       tag = "_".join([label, *(f"{k.split('.')[-1]}{v}" for k, v in overrides.items()
                                if k not in extra), f"seed{seed}"])
       print(f"== {tag} ({key})", flush=True)
-      run_dir = os.path.join(workdir, f"{tag}-{key}")
+      run_dir = _finished_run(workdir, key) or os.path.join(workdir, f"{tag}-{key}")
       runs.append({**compare.run_one(config, run_dir), "monitors": final_monitors(run_dir)})
     results.append(runs)
   for family in _FAMILIES.value:
