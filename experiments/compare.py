@@ -39,6 +39,7 @@ the data and probe settings alone (the base config's, without the grid), so it i
 once per seed and shared by every row.
 """
 
+import glob
 import itertools
 import json
 import os
@@ -120,17 +121,27 @@ def _cached(path: str, compute) -> dict:
   return result
 
 
+def _finished_run(parent: str, key: str):
+  """The directory of a finished run with `key` under `parent`, whatever its row's name (a
+  grid value equal to the default names the same run differently), else None."""
+  done = sorted(glob.glob(os.path.join(glob.escape(parent), f"*-{key}", "compare_result.json")))
+  return os.path.dirname(done[0]) if done else None
+
+
 def run_one(config, workdir: str) -> dict:
-  """Trains and probes `config` in `workdir` (or reads the result of an earlier run there;
-  the directory name carries `run_key`, so an earlier run is only found for the same config
-  and code)."""
+  """Trains and probes `config` in `workdir` (or reads the result of an earlier run of the
+  same config and code: directory names end in `run_key`, so one is found under any row's
+  name); the result's `run_dir` is the directory that holds the run."""
   from metaug_jax import train
+
+  key = run_key(config)
+  if not os.path.exists(os.path.join(workdir, "compare_result.json")):
+    workdir = _finished_run(os.path.dirname(workdir), key) or workdir
 
   def compute():
     probe = train.train_and_evaluate(config, workdir)
-    return {"probe": probe, "seconds_per_step": _seconds_per_step(workdir),
-            "key": run_key(config)}
-  return _cached(os.path.join(workdir, "compare_result.json"), compute)
+    return {"probe": probe, "seconds_per_step": _seconds_per_step(workdir), "key": key}
+  return {**_cached(os.path.join(workdir, "compare_result.json"), compute), "run_dir": workdir}
 
 
 def floor_one(config, parent: str) -> dict:

@@ -37,7 +37,7 @@ import time
 from absl import app, flags
 
 import compare  # experiments/compare.py: its flags --config, --workdir, --seeds, --grid, --out
-from comparison import (accuracies, paired_test, provenance_footer, run_key,
+from comparison import (accuracies, paired_test, provenance_footer, run_dir,
                         write_results)
 
 FLAGS = flags.FLAGS
@@ -126,27 +126,13 @@ def _mean_std(values: list, digits: int = 2) -> str:
   return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
-def _finished_run(workdir: str, key: str):
-  """A finished run of the same resolved config and code under another row's name (a grid
-  value equal to the default, e.g. fa.usage=extra_positive), else None."""
-  import glob
-  done = sorted(glob.glob(os.path.join(glob.escape(workdir), f"*-{key}", "compare_result.json")))
-  return os.path.dirname(done[0]) if done else None
-
-
 def final_monitors(workdir: str) -> dict:
-  """The run's monitors at its last logged training step: `copy_cosine`, the FA copies'
-  cosine to their originals (mean over the `fa_copy_cosine_*` names: H1), and `z_std`, the
-  collapse monitor `projection_std_per_dim` (H2); None where the run does not log one."""
-  import json
-  last = {}
-  path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        row = json.loads(line)
-        if "loss" in row:   # a training step's row
-          last.update(row)
+  """The run's monitors at its last logged step: `copy_cosine`, the FA copies' cosine to
+  their originals (mean over the `fa_copy_cosine_*` names: H1), and `z_std`, the collapse
+  monitor `projection_std_per_dim` (H2); None where the run does not log one."""
+  from metaug_jax.evaluation import plots
+  last = {k: float(values[-1]) for k, (_, values) in
+          plots.metric_series(plots.read_jsonl(os.path.join(workdir, plots.METRICS_FILE))).items()}
   cosines = [v for k, v in last.items() if k.startswith("fa_copy_cosine_")]
   return {"copy_cosine": sum(cosines) / len(cosines) if cosines else None,
           "z_std": last.get("projection_std_per_dim")}
@@ -250,12 +236,10 @@ def main(argv):
     runs = []
     for seed in seeds:
       config = base_config(method, seed, overrides)
-      key = run_key(config)
-      tag = "_".join([label, *(f"{k.split('.')[-1]}{v}" for k, v in overrides.items()
-                               if k not in extra), f"seed{seed}"])
-      print(f"== {tag} ({key})", flush=True)
-      run_dir = _finished_run(workdir, key) or os.path.join(workdir, f"{tag}-{key}")
-      runs.append({**compare.run_one(config, run_dir), "monitors": final_monitors(run_dir)})
+      name = run_dir(label, {k: v for k, v in overrides.items() if k not in extra}, seed, config)
+      print(f"== {name}", flush=True)
+      run = compare.run_one(config, os.path.join(workdir, name))
+      runs.append({**run, "monitors": final_monitors(run["run_dir"])})
     results.append(runs)
   for family in _FAMILIES.value:
     plain = FAMILIES[family][0]

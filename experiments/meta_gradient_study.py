@@ -92,7 +92,7 @@ def main(argv):
       run_dir = os.path.join(workdir, comparison.run_dir(method, overrides, seed, config))
       print(f"== {name} seed {seed}: {run_dir}", flush=True)
       run = dict(compare.run_one(config, run_dir))
-      run["second_order_ratio"] = second_order_ratio(run_dir)
+      run["second_order_ratio"] = second_order_ratio(run["run_dir"])
       runs.append(run)
     results[name] = runs
   for method in dict.fromkeys(plan[name][0] for name in names):

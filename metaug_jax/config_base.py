@@ -5,6 +5,8 @@ method need. Every field is overridable from the command line (`--config.optim.l
 Tuples, not lists, so that ml_collections can override them from flags.
 """
 
+import ast
+
 import ml_collections
 
 NEGATIVES = ("plain", "debiased", "hard")  # loss.negatives
@@ -23,7 +25,6 @@ def parse_literal(text: str):
   """'3' -> 3, '1e-3' -> 0.001, 'True' -> True, '(0.8,1.0)' -> (0.8, 1.0), else the string:
   values of field=value overrides (a tuple or list field, e.g. data.crop_scale, takes a
   bracketed literal)."""
-  import ast
   text = text.strip()
   for cast in (int, float):
     try:
